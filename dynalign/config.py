@@ -1,0 +1,292 @@
+"""Typed configuration: the dataclasses below are the one source of truth for every option.
+
+YAML files (``configs/*.yaml``) and command-line ``key=value`` overrides only change these
+defaults. Precedence: defaults < YAML < command line. Anything unknown, mistyped or out of range
+is refused before work starts, with one line naming the key, the value, where it came from and
+what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """A bad option; its message is one line meant for the user."""
+
+
+def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+        min_exclusive: bool = False) -> Any:
+    """A config field with its one-line doc and an allowed numeric range."""
+    meta = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt("outputs/tiny-model", "Policy model: local directory in Hugging Face format (or hub id on machines with hub access).")
+    dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "Weights dtype of the inference engines (vLLM).")
+    learner_dtype: Literal["bfloat16", "float32"] = opt("float32", "Learner dtype: float32 master weights on CPU; bfloat16 mixed precision on GPU.")
+    trust_remote_code: bool = opt(False, "Allow custom modelling code from the model directory.")
+
+
+@dataclass
+class DataConfig:
+    prompts_path: str = opt("configs/prompts/smoke_prompts.jsonl", "Training prompts: a JSONL or Parquet file with one prompt per row.")
+    prompt_key: str = opt("prompt", "Column that holds the prompt text.")
+    id_key: str = opt("id", "Column that holds a stable prompt id (row index is used when absent).")
+    prompts_per_iteration: int = opt(8, "Prompts (groups) trained on per iteration.", min=1)
+    max_prompt_tokens: int = opt(128, "Longest prompt in tokens, chat template included.", min=1)
+    on_long_prompt: Literal["skip", "error"] = opt("skip", "What to do with a prompt longer than max_prompt_tokens: skip and count it, or stop.")
+    shuffle: bool = opt(True, "Shuffle prompt order (seeded) before each pass over the dataset.")
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = opt(1, "Rollout actors, each owning one vLLM engine.", min=1)
+    group_size: int = opt(8, "G: candidate answers sampled per prompt.", min=2)
+    max_new_tokens: int = opt(32, "Longest candidate answer in tokens.", min=1)
+    temperature: float = opt(1.0, "Sampling temperature (the learner scales logits the same way).", min=0.0, min_exclusive=True)
+    top_p: float = opt(1.0, "Nucleus sampling mass; keep 1.0 for unbiased GRPO log-probs.", min=0.0, max=1.0, min_exclusive=True)
+    max_model_len: int = opt(256, "vLLM context length (prompt + answer).", min=16)
+    tensor_parallel_size: int = opt(1, "vLLM tensor parallel size; one engine's ranks stay on one node.", min=1)
+    gpu_memory_utilization: float = opt(0.5, "Share of GPU memory vLLM may take (ignored on CPU).", min=0.0, max=1.0, min_exclusive=True)
+    enforce_eager: bool = opt(True, "Disable CUDA graphs / compilation (faster start, slower decode).")
+    cpu_kv_cache_gib: int = opt(1, "KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).", min=1)
+    num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per rollout actor.", min=0.0)
+    num_gpus_per_worker: float = opt(0.0, "GPUs Ray reserves per rollout actor (tensor_parallel_size GPUs are placed in its bundle).", min=0.0)
+    seed: int = opt(0, "Base sampling seed; each iteration and worker derives its own.")
+
+
+@dataclass
+class JudgeConfig:
+    kind: Literal["policy", "rule"] = opt("policy", "policy: the policy scores its own candidates (self-rewarding); rule: a rule-based reward for tests.")
+    mode: Literal["logprob", "generate"] = opt("logprob", "logprob: expected score from the judge's next-token distribution over score tokens; generate: the judge writes 'Score: N', averaged over `repeats`.")
+    repeats: int = opt(3, "Judgements averaged per candidate in generate mode.", min=1)
+    value_spec: str = opt("configs/values/collective_agency.yaml", "Value specification (YAML) the judge scores against.")
+    num_workers: int = opt(1, "Judge actors, each owning one vLLM engine with the current policy weights.", min=1)
+    score_min: int = opt(0, "Lowest score on the rubric scale.")
+    score_max: int = opt(5, "Highest score on the rubric scale.", min=1)
+    max_new_tokens: int = opt(48, "Longest judge answer in tokens.", min=1)
+    max_model_len: int = opt(1024, "Judge engine context length: rubric + question + answer + judgement.", min=16)
+    temperature: float = opt(0.0, "Judge sampling temperature (0 = greedy).", min=0.0)
+    num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per judge actor.", min=0.0)
+    num_gpus_per_worker: float = opt(0.0, "GPUs Ray reserves per judge actor.", min=0.0)
+    rule: Literal["target_token_share", "length"] = opt("target_token_share", "Rule for kind=rule: share of answer tokens equal to `rule_target`, or answer length in tokens / max_new_tokens.")
+    rule_target: str = opt("a", "Target string for the target_token_share rule (must encode to one token).")
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = opt(2, "DeepSpeed ranks (Ray Train workers).", min=1)
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3.", min=0, max=3)
+    lr: float = opt(1e-5, "AdamW learning rate.", min=0.0, min_exclusive=True)
+    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
+    adam_betas: list = opt([0.9, 0.999], "AdamW betas.")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0 disables).", min=0.0)
+    micro_batch_size: int = opt(4, "Sequences per forward/backward on one rank.", min=1)
+    updates_per_iteration: int = opt(1, "Optimizer steps per iteration (the batch is split into this many mini-batches).", min=1)
+    eps_low: float = opt(0.2, "Lower clip range of the importance ratio (1 - eps_low).", min=0.0)
+    eps_high: float = opt(0.28, "Upper clip range of the importance ratio (1 + eps_high), DAPO's clip-higher.", min=0.0)
+    beta: float = opt(0.0, "KL-to-reference coefficient; 0 disables the KL term and the reference model.", min=0.0)
+    kl_estimator: Literal["k1", "k2", "k3"] = opt("k3", "Estimator of KL(policy || reference) per token.")
+    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = opt("token_mean", "Loss aggregation: GRPO (seq_mean_token_mean), DAPO (token_mean) or Dr. GRPO (seq_mean_token_sum_norm).")
+    adv_std_norm: Literal["group", "batch", "none"] = opt("group", "Divide advantages by the group's reward std, the batch std, or nothing (Dr. GRPO).")
+    tis_cap: float = opt(2.0, "Cap of the truncated importance weights correcting engine-vs-learner log-prob mismatch.", min=1.0)
+    tis: bool = opt(True, "Apply truncated importance sampling for the engine/learner mismatch.")
+    drop_tied_groups: bool = opt(True, "Drop groups whose rewards all tie (no signal) and refill with fresh prompts (DAPO dynamic sampling).")
+    max_refill_rounds: int = opt(2, "Extra generation rounds to refill dropped groups before training on what is left.", min=0)
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    num_cpus_per_rank: float = opt(0.5, "CPUs Ray reserves per learner rank.", min=0.0)
+    num_gpus_per_rank: float = opt(0.0, "GPUs per learner rank (1 on GPU clusters).", min=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places learner ranks across nodes.")
+    max_failures: int = opt(0, "Times Ray Train restarts a failed learner group (FailureConfig).", min=-1)
+
+
+@dataclass
+class SyncConfig:
+    backend: Literal["auto", "reload", "nccl"] = opt("auto", "reload: serialise + vLLM in-place reload (CPU); nccl: vLLM's NCCL weight transfer (GPU); auto picks by device.")
+    bucket_mb: int = opt(256, "Weights move in buckets of at most this many MiB.", min=1)
+    timeout_s: float = opt(300.0, "A sync that takes longer fails with the engine's name instead of hanging.", min=0.0, min_exclusive=True)
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = opt(None, "Ray address to join (None starts a local Ray).")
+    num_cpus: int | None = opt(None, "CPUs for a local Ray (None = all).", min=1)
+    runtime_env_dir: str | None = opt(None, "Working directory shipped to a remote cluster (None = none).")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(0, "Checkpoint every N iterations (0: only at the end).", min=0)
+    keep_last: int = opt(2, "Checkpoints kept on disk.", min=1)
+    save_final_policy: bool = opt(True, "Save the final policy in Hugging Face format under run_dir/policy.")
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = opt(True, "Also write metrics to TensorBoard under run_dir/tensorboard.")
+    progress: bool = opt(True, "Show a tqdm progress bar over iterations.")
+    log_samples: int = opt(2, "Candidate answers (with scores) written to samples.jsonl per iteration.", min=0)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = opt("outputs/run", "Where metrics, checkpoints and the final policy go.")
+    iterations: int = opt(2, "Dynamic Alignment iterations (generate -> judge -> learn -> sync).", min=1)
+    seed: int = opt(0, "Global seed: prompt order, sampling and learner init derive from it.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        """Rules that span fields."""
+        if self.judge.score_min >= self.judge.score_max:
+            raise ConfigError(f"judge.score_min = {self.judge.score_min} must be below judge.score_max = {self.judge.score_max}")
+        samples = self.data.prompts_per_iteration * self.rollout.group_size
+        per_update = self.learner.num_ranks * self.learner.micro_batch_size * self.learner.updates_per_iteration
+        if samples % per_update:
+            raise ConfigError(
+                f"data.prompts_per_iteration * rollout.group_size = {samples} must be a multiple of "
+                f"learner.num_ranks * learner.micro_batch_size * learner.updates_per_iteration = {per_update}; "
+                "change one of them")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+# ---------------------------------------------------------------------------------------------
+
+def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated at each step."""
+    config = TrainConfig()
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"--config {yaml_path}: no such file")
+        try:
+            yaml_values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except Exception as err:  # omegaconf/yaml errors are multi-line
+            raise ConfigError(f"--config {yaml_path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if yaml_values is None:
+            yaml_values = {}
+        if not isinstance(yaml_values, dict):
+            raise ConfigError(f"--config {yaml_path}: expected a mapping of options at the top level")
+        apply_values(config, yaml_values, source=str(yaml_path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' (command line): expected key=value, e.g. learner.lr=1e-5")
+        apply_values(config, OmegaConf.to_container(OmegaConf.from_dotlist([item])), source="command line")
+    config.check()
+    return config
+
+
+def apply_values(config: Any, values: dict, source: str, prefix: str = "") -> None:
+    """Set ``values`` (a nested dict) on the dataclass ``config``, validating each leaf."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    hints = typing.get_type_hints(type(config))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = _closest(str(key), fields)
+            hint = f"; did you mean '{prefix}{close}'?" if close else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown key '{dotted}' (from {source}){hint}")
+        current = getattr(config, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted} = {value!r} (from {source}) must be a mapping of options of section '{dotted}'")
+            apply_values(current, value, source, prefix=f"{dotted}.")
+            continue
+        setattr(config, key, _coerce(dotted, value, hints[key], fields[key].metadata, source))
+
+
+def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping, source: str) -> Any:
+    where = f"{key} = {value!r} (from {source})"
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, args))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string")
+        value = str(value)
+    elif hint in (list, dict) or origin in (list, dict):
+        if not isinstance(value, origin or hint):
+            raise ConfigError(f"{where} must be a {(origin or hint).__name__}")
+    low, high = meta.get("min"), meta.get("max")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        too_low = low is not None and (value <= low if meta.get("min_exclusive") else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            raise ConfigError(f"{where} is out of range; allowed: {_range_text(meta)}")
+    return value
+
+
+def _range_text(meta: typing.Mapping) -> str:
+    low, high = meta.get("min"), meta.get("max")
+    parts = []
+    if low is not None:
+        parts.append(f"{'>' if meta.get('min_exclusive') else '>='} {low:g}")
+    if high is not None:
+        parts.append(f"<= {high:g}")
+    return " and ".join(parts)
+
+
+def _closest(key: str, candidates: typing.Iterable[str]) -> str | None:
+    import difflib
+
+    matches = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_yaml(config: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(to_dict(config)))
+
+
+def describe(config_cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(key, default, doc) for every option: the reference table in the docs comes from this."""
+    rows = []
+    for f in dataclasses.fields(config_cls):
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows.extend(describe(type(default), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", default, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,213 @@
+"""The driver: runs Dynamic Alignment iterations on a Ray cluster.
+
+    1. prompts   -> fresh prompts about the value
+    2. rollout   -> the policy samples G candidates per prompt (vLLM actors)
+    3. judge     -> the policy, as judge, scores every candidate (judge actors)
+    4. learn     -> GRPO on group-relative advantages (DeepSpeed ranks under Ray Train)
+    5. sync      -> the new weights reach every rollout and judge engine
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from dynalign import grpo
+from dynalign.batch import Group, Sample
+from dynalign.config import ConfigError, TrainConfig, to_yaml
+from dynalign.data import PromptStream, load_prompts
+from dynalign.judge import JudgePool
+from dynalign.learner import LearnerGroup
+from dynalign.metrics import MetricsLogger, Timings
+from dynalign.rollout import RolloutPool
+from dynalign.weight_sync import WeightSync
+
+
+@dataclass
+class System:
+    """Every role of a run, started and stopped together."""
+
+    rollout: RolloutPool
+    judge: JudgePool
+    learner: LearnerGroup
+    weight_sync: WeightSync
+
+    @classmethod
+    def start(cls, config: TrainConfig, run_dir: Path) -> System:
+        rollout = RolloutPool(config)
+        judge = JudgePool(config)
+        learner = LearnerGroup(config, storage_path=run_dir / "ray_train")
+        engines = rollout.workers + judge.workers
+        names = [i["name"] for i in rollout.infos] + [i["name"] for i in getattr(judge, "infos", [])]
+        return cls(rollout, judge, learner, WeightSync(config, engines, names))
+
+    def shutdown(self) -> None:
+        self.learner.shutdown()
+        self.rollout.shutdown()
+        self.judge.shutdown()
+
+
+def train(config: TrainConfig, resume: str | None = None) -> dict:
+    if resume is not None:
+        raise ConfigError("--resume: checkpoint resume is not available yet in this version")
+    check_model_path(config)
+    config = absolute_paths(config)
+    run_dir = Path(config.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(config))
+    prompts = load_prompts(config)
+    init_ray(config)
+    system = System.start(config, run_dir)
+    logger = MetricsLogger(run_dir, config.logging.tensorboard)
+    history = []
+    try:
+        for iteration in tqdm(range(config.iterations), desc="iterations", disable=not config.logging.progress):
+            timings = Timings()
+            groups, data_stats = sample_scored_groups(system, prompts, config, iteration, timings)      # 1-3
+            with timings("learn"):
+                samples, advantage_stats = to_samples(groups, config)
+                learn_stats = system.learner.train_step(samples)                                       # 4
+            with timings("sync"):
+                sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)          # 5
+            metrics = {**data_stats, **prefixed("adv", advantage_stats), **prefixed("learner", learn_stats),
+                       **sync_stats, **timings.summary()}
+            logger.log(iteration, metrics)
+            log_samples(run_dir, iteration, groups, config.logging.log_samples)
+            history.append(metrics)
+        if config.checkpoint.save_final_policy:
+            system.learner.save_policy(run_dir / "policy")
+    finally:
+        logger.close()
+        system.shutdown()
+    summary = summarize(history, run_dir)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(summary)
+    return summary
+
+
+def sample_scored_groups(system: System, prompts: PromptStream, config: TrainConfig, iteration: int,
+                         timings: Timings) -> tuple[list[Group], dict[str, float]]:
+    """Generate and judge groups; with ``drop_tied_groups``, replace groups whose rewards all tie
+    (no learning signal) by fresh prompts for up to ``max_refill_rounds`` extra rounds."""
+    wanted = config.data.prompts_per_iteration
+    informative, tied, judge_stats = [], [], {}
+    rounds = 1 + (config.learner.max_refill_rounds if config.learner.drop_tied_groups else 0)
+    for round_index in range(rounds):
+        with timings("generate"):
+            groups = system.rollout.generate(prompts.take(wanted - len(informative)), iteration, round_index)
+        with timings("judge"):
+            stats = system.judge.score(groups)
+        for key in ("parse_failures", "judgements"):
+            judge_stats[key] = judge_stats.get(key, 0.0) + stats.get(key, 0.0)
+        for group in groups:
+            no_signal = bool(grpo.zero_variance_groups(torch.tensor([group.rewards], dtype=torch.float64))[0])
+            (tied if no_signal and config.learner.drop_tied_groups else informative).append(group)
+        if len(informative) >= wanted:
+            break
+    seen = len(informative) + len(tied)
+    # Keep the batch shape fixed: top up with tied groups (their advantages are zero).
+    chosen = informative + tied[: wanted - len(informative)]
+    all_rewards = [r for g in chosen for r in g.rewards]
+    rewards = [r for r in all_rewards if not math.isnan(r)]
+    judge_stats["invalid_share"] = 1 - len(rewards) / max(len(all_rewards), 1)
+    lengths = [len(c.token_ids) for g in chosen for c in g.candidates]
+    return chosen, {
+        "reward_mean": sum(rewards) / max(len(rewards), 1),
+        "reward_max": max(rewards, default=float("nan")),
+        "reward_min": min(rewards, default=float("nan")),
+        "tied_group_share": len(tied) / max(seen, 1),
+        "generation_rounds": float(round_index + 1),
+        "completion_length_mean": sum(lengths) / max(len(lengths), 1),
+        "truncated_share": sum(c.finish_reason == "length" for g in chosen for c in g.candidates) / max(len(lengths), 1),
+        "prompts_skipped_too_long": float(prompts.skipped_too_long),
+        **prefixed("judge", judge_stats),
+    }
+
+
+def to_samples(groups: list[Group], config: TrainConfig) -> tuple[list[Sample], dict[str, float]]:
+    """Group-relative advantages, one training sample per candidate."""
+    group_rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float64)
+    advantages, _valid, stats = grpo.group_advantages(group_rewards, std_norm=config.learner.adv_std_norm)
+    samples = [
+        Sample(prompt_token_ids=g.prompt_token_ids, completion_token_ids=c.token_ids,
+               engine_logprobs=c.logprobs, advantage=float(advantages[i, j]))
+        for i, g in enumerate(groups) for j, c in enumerate(g.candidates)
+    ]
+    return samples, stats
+
+
+def prefixed(prefix: str, stats: dict) -> dict:
+    return {f"{prefix}.{k}": float(v) for k, v in stats.items()}
+
+
+def log_samples(run_dir: Path, iteration: int, groups: list[Group], count: int) -> None:
+    with (run_dir / "samples.jsonl").open("a") as f:
+        for group in groups[:count]:
+            for candidate, reward in zip(group.candidates[:2], group.rewards[:2]):
+                f.write(json.dumps({"iteration": iteration, "prompt_id": group.prompt_id, "prompt": group.prompt,
+                                    "answer": candidate.text, "reward": reward}) + "\n")
+
+
+def check_model_path(config: TrainConfig) -> None:
+    path = Path(config.model.path)
+    looks_local = path.is_absolute() or config.model.path.startswith(".") or path.parts[:1] == ("outputs",)
+    if looks_local and not (path / "config.json").is_file():
+        raise ConfigError(f"model.path = '{config.model.path}': no model there; run `dynalign make-tiny-model "
+                          f"{config.model.path}` or point model.path at a Hugging Face model directory")
+
+
+def absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Actors do not run in the driver's working directory: pin local paths down first."""
+    config = copy.deepcopy(config)
+    config.run_dir = str(Path(config.run_dir).resolve())
+    config.data.prompts_path = str(Path(config.data.prompts_path).resolve())
+    config.judge.value_spec = str(Path(config.judge.value_spec).resolve())
+    if Path(config.model.path).exists():
+        config.model.path = str(Path(config.model.path).resolve())
+    return config
+
+
+def init_ray(config: TrainConfig) -> None:
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
+    if config.cluster.address:
+        ray.init(address=config.cluster.address, runtime_env=env, log_to_driver=True)
+        return
+    # Logical CPUs: tiny CPU runs oversubscribe the cores on purpose (engines idle while the learner steps).
+    needed = (config.rollout.num_workers * config.rollout.num_cpus_per_worker
+              + (config.judge.num_workers * config.judge.num_cpus_per_worker if config.judge.kind == "policy" else 0)
+              + config.learner.num_ranks * config.learner.num_cpus_per_rank)
+    num_cpus = config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
+    # The dashboard also serves Ray's state API, which Ray Train's controller polls.
+    ray.init(num_cpus=num_cpus, runtime_env=env)
+
+
+def summarize(history: list[dict], run_dir: Path) -> dict:
+    rewards = [m["reward_mean"] for m in history]
+    return {
+        "iterations": len(history),
+        "reward_mean_first": rewards[0] if rewards else None,
+        "reward_mean_last": rewards[-1] if rewards else None,
+        "reward_mean_per_iteration": rewards,
+        "seconds_per_iteration": [m["time.total"] for m in history],
+        "time_split_last": {k: v for k, v in (history[-1] if history else {}).items() if k.startswith("time.")},
+        "run_dir": str(run_dir),
+        "policy": str(run_dir / "policy"),
+        "metrics": str(run_dir / "metrics.jsonl"),
+    }
+
+
+def print_summary(summary: dict) -> None:
+    print("\n=== dynalign run summary ===")
+    for i, (reward, seconds) in enumerate(zip(summary["reward_mean_per_iteration"], summary["seconds_per_iteration"])):
+        print(f"iteration {i}: reward_mean {reward:.4f}  ({seconds:.1f} s)")
+    print(f"metrics: {summary['metrics']}\npolicy:  {summary['policy']}\nrun dir: {summary['run_dir']}")

@@ -1,0 +1,365 @@
+"""The learner: DeepSpeed ranks doing GRPO, hosted by Ray Train, driven step by step by the driver.
+
+Ray Train owns the rank processes (placement, the torch.distributed group, restarts on failure)
+and runs ``_rank_main`` on each. The driver does not hand control to ``fit()``: a small command
+channel actor carries commands (train a batch, export weights, save) to every rank and brings
+their results back, so the driver's loop stays in charge of the iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from dynalign import grpo
+from dynalign.batch import Sample, pad_samples
+from dynalign.config import TrainConfig
+
+
+class LearnerError(RuntimeError):
+    """A learner rank failed; the message names the rank and the command."""
+
+
+@ray.remote(num_cpus=0)
+class CommandChannel:
+    """Fan commands out to every rank, gather one result per rank."""
+
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.pending: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
+        self.results: dict[int, dict[int, Any]] = defaultdict(dict)
+        self.done: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+        self.next_seq = 0
+
+    async def submit(self, name: str, args: tuple) -> int:
+        self.next_seq += 1
+        for queue in self.pending:
+            queue.put_nowait((self.next_seq, name, args))
+        return self.next_seq
+
+    async def next_command(self, rank: int) -> tuple[int, str, tuple]:
+        return await self.pending[rank].get()
+
+    async def put_result(self, seq: int, rank: int, result: Any) -> None:
+        self.results[seq][rank] = result
+        if len(self.results[seq]) == self.world_size:
+            self.done[seq].set()
+
+    async def get_results(self, seq: int) -> list[Any]:
+        await self.done[seq].wait()
+        by_rank = self.results.pop(seq)
+        self.done.pop(seq)
+        return [by_rank[rank] for rank in range(self.world_size)]
+
+
+_SUMMED_METRICS = ("loss", "tokens")
+
+
+def _reduce(key: str, values: list[float]) -> float:
+    """Combine a metric over micro-steps or ranks: totals add, maxima take the max, the rest average."""
+    if key in _SUMMED_METRICS:
+        return sum(values)
+    if key.endswith("max") or "_max_" in key:
+        return max(values)
+    return sum(values) / len(values)
+
+
+class _RankFailure:
+    def __init__(self, rank: int, command: str, trace: str):
+        self.rank, self.command, self.trace = rank, command, trace
+
+
+# ---------------------------------------------------------------------------------------------
+# What runs on each rank
+# ---------------------------------------------------------------------------------------------
+
+class PolicyTrainer:
+    """One rank's DeepSpeed engine and the GRPO step."""
+
+    def __init__(self, config: TrainConfig, rank: int, world_size: int):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config, self.rank, self.world_size = config, rank, world_size
+        learner = config.learner
+        torch.manual_seed(config.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            config.model.path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
+        if learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        samples_per_update = config.data.prompts_per_iteration * config.rollout.group_size // learner.updates_per_iteration
+        self.grad_accum_steps = samples_per_update // (world_size * learner.micro_batch_size)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum_steps,
+            "gradient_clipping": learner.grad_clip,
+            "zero_optimization": {"stage": learner.zero_stage},
+            "bf16": {"enabled": config.model.learner_dtype == "bfloat16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31,
+        }
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=tuple(learner.adam_betas),
+                                      weight_decay=learner.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                               dist_init_required=False)
+        self.reference = None
+        if learner.beta > 0:
+            self.reference = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32).eval()
+            self.reference.requires_grad_(False)
+
+    # -- log-probs ------------------------------------------------------------------------------
+    def _sequence_logprobs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logprobs = grpo.token_logprobs(logits, batch.target_ids, temperature=self.config.rollout.temperature)
+        return logprobs, logits
+
+    def _micro_batches(self, samples: list[Sample]) -> list:
+        size = self.config.learner.micro_batch_size
+        pad = self.tokenizer.pad_token_id
+        return [pad_samples(samples[i:i + size], pad) for i in range(0, len(samples), size)]
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        """Learner log-probs of each sample's completion tokens (this rank's share: samples[rank::world])."""
+        self.engine.module.eval()
+        out = []
+        for batch in self._micro_batches(samples[self.rank::self.world_size]):
+            logprobs, _ = self._sequence_logprobs(self.engine.module, batch)
+            for row in range(logprobs.shape[0]):
+                out.append(logprobs[row][batch.completion_mask[row].bool()].tolist())
+        return out
+
+    # -- the GRPO step --------------------------------------------------------------------------
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        learner = self.config.learner
+        updates = learner.updates_per_iteration
+        per_update = len(samples) // updates
+        mini_batches = [samples[u * per_update:(u + 1) * per_update] for u in range(updates)]
+        local_micro = [self._micro_batches(mini[self.rank::self.world_size]) for mini in mini_batches]
+
+        # Behaviour ("old") and reference log-probs come from the weights that generated the batch,
+        # computed once per micro-batch before any update, so ratio == 1 on the first micro-step.
+        self.engine.module.eval()
+        with torch.no_grad():
+            old_logprobs = [[self._sequence_logprobs(self.engine.module, b)[0] for b in mbs] for mbs in local_micro]
+            ref_logprobs = ([[self._sequence_logprobs(self.reference, b)[0] for b in mbs] for mbs in local_micro]
+                            if self.reference is not None else None)
+        self.engine.module.train()
+
+        metrics: dict[str, list[float]] = defaultdict(list)
+        started = time.perf_counter()
+        for u, micro_batches in enumerate(local_micro):
+            mini = mini_batches[u]
+            normalizer = grpo.LossNormalizer(
+                mode=learner.loss_agg,
+                num_sequences=len(mini),
+                num_tokens=sum(len(s.completion_token_ids) for s in mini),
+                max_len=self.config.rollout.max_new_tokens,
+            )
+            for m, batch in enumerate(micro_batches):
+                logprobs, logits = self._sequence_logprobs(self.engine.module, batch)
+                old = old_logprobs[u][m]
+                mask = batch.completion_mask
+                is_weights = (grpo.truncated_is_weights(old, batch.engine_logprobs, learner.tis_cap)
+                              if learner.tis else None)
+                loss, step_metrics = grpo.policy_loss(
+                    logprobs, old, batch.advantages, mask, normalizer,
+                    eps_low=learner.eps_low, eps_high=learner.eps_high,
+                    ref_logprobs=ref_logprobs[u][m] if ref_logprobs is not None else None,
+                    beta=learner.beta, kl_estimator=learner.kl_estimator, is_weights=is_weights)
+                # DeepSpeed averages gradients over ranks; the normalizer already divides by the
+                # whole batch, so undo the average and skip its per-GAS scaling.
+                self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+                self.engine.step()
+                if u == 0 and m == 0:
+                    metrics["first_microstep_ratio_max_dev"].append(
+                        float(((logprobs.detach() - old).exp() - 1).abs().mul(mask).max()))
+                metrics["loss"].append(float(loss.detach()) / updates)
+                for key, value in step_metrics.items():
+                    metrics[key].append(float(value))
+                with torch.no_grad():
+                    metrics["entropy"].append(float((grpo.token_entropy(logits.detach()) * mask).sum() / mask.sum().clamp(min=1)))
+                    for key, value in grpo.logprob_gap_stats(old, batch.engine_logprobs, mask).items():
+                        metrics[f"engine_gap_{key}"].append(float(value))
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["grad_norm"].append(float(grad_norm))
+        summary = {key: _reduce(key, values) for key, values in metrics.items()}
+        summary["step_seconds"] = time.perf_counter() - started
+        summary["tokens"] = float(sum(len(s.prompt_token_ids) + len(s.completion_token_ids)
+                                      for mini in mini_batches for s in mini[self.rank::self.world_size]))
+        return summary
+
+    # -- weights out ------------------------------------------------------------------------------
+    def _gathered(self, params):
+        """Full parameters on every rank while inside (ZeRO-3 shards them)."""
+        import contextlib
+
+        import deepspeed
+        if self.config.learner.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype):
+        """Yield {name: tensor} buckets of the full weights (every rank must iterate, for ZeRO-3)."""
+        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        size = 0
+        named = list(self.engine.module.named_parameters())
+        for index, (name, param) in enumerate(named):
+            numel = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+            bucket.append((name, param))
+            size += numel * dtype.itemsize
+            if size >= bucket_bytes or index == len(named) - 1:
+                with self._gathered([p for _, p in bucket]):
+                    yield {n: p.detach().to(dtype).contiguous().clone() for n, p in bucket}
+                bucket, size = [], 0
+
+    def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict | None:
+        """Rank 0 puts safetensors blobs in the object store; the sync layer ships them."""
+        from safetensors.torch import save
+
+        dtype = getattr(torch, dtype_name)
+        refs, total = [], 0
+        for bucket in self.weight_buckets(bucket_bytes, dtype):
+            if self.rank == 0:
+                blob = save(bucket)
+                total += len(blob)
+                refs.append(ray.put(blob))
+        return {"buckets": refs, "bytes": total} if self.rank == 0 else None
+
+    def save_policy(self, path: str) -> str | None:
+        """Hugging Face format (loadable by transformers and vLLM), written atomically by rank 0."""
+        state = {}
+        for bucket in self.weight_buckets(512 * 2**20, torch.float32):
+            state.update(bucket) if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        target = Path(path)
+        staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        self.engine.module.save_pretrained(staging, state_dict=state)
+        self.tokenizer.save_pretrained(staging)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+        return str(target)
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _rank_main(loop_config: dict) -> None:
+    """Ray Train's per-worker function: build the trainer, then serve the driver's commands."""
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    channel = loop_config["channel"]
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    trainer = None
+    init_error = None
+    try:
+        trainer = PolicyTrainer(loop_config["config"], rank, world_size)
+    except Exception:  # reported on the first command, so the driver sees it
+        init_error = traceback.format_exc()
+    while True:
+        seq, name, args = ray.get(channel.next_command.remote(rank))
+        if name == "stop":
+            ray.get(channel.put_result.remote(seq, rank, None))
+            return
+        try:
+            if init_error:
+                raise RuntimeError(f"learner start failed:\n{init_error}")
+            args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
+            result = getattr(trainer, name)(*args)
+        except Exception:
+            result = _RankFailure(rank, name, traceback.format_exc())
+        ray.get(channel.put_result.remote(seq, rank, result))
+
+
+@ray.remote(num_cpus=0)
+def _fit(config: TrainConfig, channel, storage_path: str) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    learner = config.learner
+    resources = {"CPU": learner.num_cpus_per_rank}
+    if learner.num_gpus_per_rank:
+        resources["GPU"] = learner.num_gpus_per_rank
+    trainer = TorchTrainer(
+        _rank_main,
+        train_loop_config={"config": config, "channel": channel},
+        scaling_config=ScalingConfig(
+            num_workers=learner.num_ranks,
+            use_gpu=learner.num_gpus_per_rank > 0,
+            resources_per_worker=resources,
+            placement_strategy=learner.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name="learner",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=learner.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+class LearnerGroup:
+    """Driver-side handle: every method is one command run on all ranks."""
+
+    def __init__(self, config: TrainConfig, storage_path: str | os.PathLike):
+        self.config = config
+        self.channel = CommandChannel.remote(config.learner.num_ranks)
+        self.fit_ref = _fit.remote(config, self.channel, str(Path(storage_path).resolve()))
+        self.call("ping")
+
+    def call(self, name: str, *args, timeout_s: float | None = None) -> list[Any]:
+        seq = ray.get(self.channel.submit.remote(name, args))
+        results_ref = self.channel.get_results.remote(seq)
+        ready, _ = ray.wait([results_ref, self.fit_ref], num_returns=1, timeout=timeout_s)
+        if not ready:
+            raise LearnerError(f"learner command '{name}' took longer than {timeout_s} s")
+        if ready[0] == self.fit_ref:
+            ray.get(self.fit_ref)  # raises Ray Train's error
+            raise LearnerError(f"learner exited during '{name}'")
+        results = ray.get(results_ref)
+        for result in results:
+            if isinstance(result, _RankFailure):
+                raise LearnerError(f"learner rank {result.rank} failed in '{result.command}':\n{result.trace}")
+        return results
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        per_rank = self.call("train_step", ray.put(samples))
+        return {key: _reduce(key, [r[key] for r in per_rank]) for key in per_rank[0]}
+
+    def logprobs(self, samples: list[Sample]) -> list[list[float]]:
+        per_rank = self.call("logprobs", ray.put(samples))
+        world = len(per_rank)
+        ordered = [None] * len(samples)
+        for rank, values in enumerate(per_rank):
+            ordered[rank::world] = values
+        return ordered
+
+    def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict:
+        return self.call("export_weights", bucket_bytes, dtype_name)[0]
+
+    def save_policy(self, path: str | os.PathLike) -> str:
+        return self.call("save_policy", str(path))[0]
+
+    def shutdown(self) -> None:
+        try:
+            self.call("stop", timeout_s=60)
+            ray.get(self.fit_ref, timeout=60)
+        except Exception:
+            pass
+        ray.kill(self.channel)

@@ -1,0 +1,72 @@
+"""Rollout: Ray actors that each own a vLLM engine and sample G candidates per prompt."""
+
+from __future__ import annotations
+
+import ray
+
+from dynalign.batch import Candidate, Group
+from dynalign.config import TrainConfig
+from dynalign.engine import EngineWorker, engine_env
+
+
+class RolloutWorker(EngineWorker):
+    def generate_groups(self, prompts: list[tuple[str, str]], sampling: dict) -> list[Group]:
+        """Apply the chat template and sample ``sampling['n']`` candidates per prompt in one batched call."""
+        prompt_ids = [self.chat_token_ids([{"role": "user", "content": text}]) for _, text in prompts]
+        outputs = self.generate_from_token_ids(prompt_ids, {**sampling, "logprobs": 0})
+        groups = []
+        for (prompt_id, text), ids, output in zip(prompts, prompt_ids, outputs):
+            candidates = [
+                Candidate(
+                    token_ids=list(choice.token_ids),
+                    text=choice.text,
+                    logprobs=[step[token].logprob for step, token in zip(choice.logprobs, choice.token_ids)],
+                    finish_reason=choice.finish_reason or "unknown",
+                )
+                for choice in output.outputs
+            ]
+            groups.append(Group(prompt_id=prompt_id, prompt=text, prompt_token_ids=ids, candidates=candidates))
+        return groups
+
+
+class RolloutPool:
+    """The rollout actors; prompts are spread over them in contiguous shares."""
+
+    def __init__(self, config: TrainConfig):
+        rollout = config.rollout
+        actor = ray.remote(RolloutWorker).options(
+            num_cpus=rollout.num_cpus_per_worker,
+            num_gpus=rollout.num_gpus_per_worker,
+            runtime_env={"env_vars": engine_env(rollout)},
+        )
+        self.config = config
+        self.workers = [actor.remote(config, f"rollout-{i}", rollout.seed + i) for i in range(rollout.num_workers)]
+        self.infos = ray.get([w.info.remote() for w in self.workers])
+
+    def sampling(self, iteration: int, round_index: int = 0) -> dict:
+        rollout = self.config.rollout
+        return {"n": rollout.group_size, "max_tokens": rollout.max_new_tokens, "temperature": rollout.temperature,
+                "top_p": rollout.top_p, "seed": rollout.seed + 1000 * iteration + round_index}
+
+    def generate(self, prompts: list[tuple[str, str]], iteration: int, round_index: int = 0) -> list[Group]:
+        if not prompts:
+            return []
+        shares = split_evenly(prompts, len(self.workers))
+        sampling = self.sampling(iteration, round_index)
+        futures = [w.generate_groups.remote(share, sampling) for w, share in zip(self.workers, shares) if share]
+        return [group for share in ray.get(futures) for group in share]
+
+    def shutdown(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous shares whose sizes differ by at most one, in order."""
+    size, extra = divmod(len(items), parts)
+    shares, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        shares.append(items[start:end])
+        start = end
+    return shares

@@ -1,0 +1,63 @@
+"""Weight sync: the learner's new weights reach every rollout and judge engine.
+
+``reload`` (CPU, and any device): rank 0 serialises the full weights (gathered under ZeRO-3) in
+buckets into the object store; each engine stages the buckets and reloads in place.
+``nccl`` (GPU): vLLM's native weight-transfer API broadcasts from learner rank 0 to the engines.
+Both time out with the names of the engines that did not finish, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+
+from dynalign.config import TrainConfig
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+def choose_backend(config: TrainConfig) -> str:
+    if config.sync.backend != "auto":
+        return config.sync.backend
+    # The in-place reload path works everywhere; NCCL needs GPUs on both sides.
+    return "nccl" if config.rollout.num_gpus_per_worker > 0 and config.learner.num_gpus_per_rank > 0 else "reload"
+
+
+class WeightSync:
+    def __init__(self, config: TrainConfig, engines: list, engine_names: list[str]):
+        self.config = config
+        self.engines, self.engine_names = engines, engine_names
+        self.backend = choose_backend(config)
+        if self.backend != "reload":
+            raise WeightSyncError(f"sync.backend = '{self.backend}' is not available in this build; use sync.backend=reload")
+
+    def sync(self, learner, version: int) -> dict[str, float]:
+        """Push the learner's weights into every engine; returns seconds and bytes moved."""
+        started = time.perf_counter()
+        exported = learner.export_weights(self.config.sync.bucket_mb * 2**20, self.config.model.dtype)
+        export_seconds = time.perf_counter() - started
+        pending = {}
+        for engine, name in zip(self.engines, self.engine_names):
+            staged = [engine.stage_weights.remote(bucket) for bucket in exported["buckets"]]
+            # Actor calls run in order, so apply runs after every bucket is staged.
+            pending[engine.apply_staged_weights.remote(version)] = (name, staged)
+        self._wait(pending, started)
+        seconds = time.perf_counter() - started
+        moved = exported["bytes"] * len(self.engines)
+        return {"sync_seconds": seconds, "sync_export_seconds": export_seconds, "sync_bytes": float(moved),
+                "sync_buckets": float(len(exported["buckets"])), "sync_gb_per_s": moved / max(seconds, 1e-9) / 1e9}
+
+    def _wait(self, pending: dict, started: float) -> None:
+        deadline = started + self.config.sync.timeout_s
+        remaining = list(pending)
+        while remaining:
+            ready, remaining = ray.wait(remaining, num_returns=len(remaining), timeout=max(0.0, deadline - time.perf_counter()))
+            for ref in ready:
+                ray.get(ref)  # surfaces an engine's error
+            if remaining and time.perf_counter() >= deadline:
+                names = ", ".join(pending[ref][0] for ref in remaining)
+                raise WeightSyncError(f"weight sync stalled: {names} did not finish within sync.timeout_s = "
+                                      f"{self.config.sync.timeout_s:g} s")
