@@ -81,8 +81,8 @@ class JudgeConfig:
     temperature: float = opt(0.0, "Judge sampling temperature (0 = greedy).", min=0.0)
     num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per judge actor.", min=0.0)
     num_gpus_per_worker: float = opt(0.0, "GPUs Ray reserves per judge actor.", min=0.0)
-    rule: Literal["target_token_share", "length"] = opt("target_token_share", "Rule for kind=rule: share of answer tokens equal to `rule_target`, or answer length in tokens / max_new_tokens.")
-    rule_target: str = opt("a", "Target string for the target_token_share rule (must encode to one token).")
+    rule: Literal["target_token_share", "length"] = opt("target_token_share", "Rule for kind=rule: share of answer tokens that are one of `rule_targets`, or answer length / max_new_tokens.")
+    rule_targets: list = opt(list("0123456789"), "Strings whose single-token encodings the target_token_share rule rewards.")
 
 
 @dataclass
@@ -115,7 +115,7 @@ class LearnerConfig:
 @dataclass
 class SyncConfig:
     backend: Literal["auto", "reload", "nccl"] = opt("auto", "reload: serialise + vLLM in-place reload (CPU); nccl: vLLM's NCCL weight transfer (GPU); auto picks by device.")
-    bucket_mb: int = opt(256, "Weights move in buckets of at most this many MiB.", min=1)
+    bucket_mb: float = opt(256.0, "Weights move in buckets of about this many MiB (a bucket closes once it reaches it).", min=0.0, min_exclusive=True)
     timeout_s: float = opt(300.0, "A sync that takes longer fails with the engine's name instead of hanging.", min=0.0, min_exclusive=True)
 
 

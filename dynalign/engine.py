@@ -60,11 +60,17 @@ class EngineWorker:
                                                        return_dict=False))
 
     def generate_from_token_ids(self, prompts: list[list[int]], sampling: dict) -> list:
-        """Raw vLLM outputs for prompts given as token ids; ``sampling`` holds SamplingParams fields."""
+        """Raw vLLM outputs for prompts given as token ids; ``sampling`` holds SamplingParams fields.
+
+        A ``seed`` is spread per prompt (seed + index): one seed shared by every request would
+        give different prompts the same random stream, and so correlated candidates.
+        """
         from vllm import SamplingParams
 
-        return self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], SamplingParams(**sampling),
-                                 use_tqdm=False)
+        seed = sampling.get("seed")
+        params = [SamplingParams(**{**sampling, "seed": None if seed is None else seed + index})
+                  for index in range(len(prompts))]
+        return self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
 
     def chat(self, conversations: list[list[dict]], sampling: dict) -> list[list[str]]:
         """Answer each conversation; returns the ``n`` texts per conversation."""

