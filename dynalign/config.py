@@ -63,8 +63,11 @@ class RolloutConfig:
     enforce_eager: bool = opt(True, "Disable CUDA graphs / compilation (faster start, slower decode).")
     cpu_kv_cache_gib: int = opt(1, "KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).", min=1)
     num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per rollout actor.", min=0.0)
-    num_gpus_per_worker: float = opt(0.0, "GPUs Ray reserves per rollout actor (tensor_parallel_size GPUs are placed in its bundle).", min=0.0)
+    num_gpus_per_worker: float = opt(0.0, "GPUs per tensor-parallel rank of a rollout engine: an engine takes tensor_parallel_size bundles of this on one node; a fraction below 1 shares a GPU between roles.", min=0.0)
     seed: int = opt(0, "Base sampling seed; each iteration and worker derives its own.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places rollout engines across nodes (one engine's tensor-parallel bundles always share a node).")
+    resources: dict = opt({}, "Extra custom Ray resources per rollout bundle, e.g. {rollout_node: 1} to pin engines to nodes started with that resource.")
+    sleep_while_learning: bool = opt(False, "GPU only: put every engine to sleep (vLLM sleep mode level 1: weights to host memory, KV cache freed) while the learner steps, so roles can share GPUs.")
 
 
 @dataclass
@@ -80,7 +83,9 @@ class JudgeConfig:
     max_model_len: int = opt(1024, "Judge engine context length: rubric + question + answer + judgement.", min=16)
     temperature: float = opt(0.0, "Judge sampling temperature (0 = greedy).", min=0.0)
     num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per judge actor.", min=0.0)
-    num_gpus_per_worker: float = opt(0.0, "GPUs Ray reserves per judge actor.", min=0.0)
+    num_gpus_per_worker: float = opt(0.0, "GPUs per tensor-parallel rank of a judge engine (judge engines use rollout.tensor_parallel_size and the other rollout.* vLLM settings).", min=0.0)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places judge engines across nodes.")
+    resources: dict = opt({}, "Extra custom Ray resources per judge bundle, e.g. {judge_node: 1}.")
     rule: Literal["target_token_share", "length"] = opt("target_token_share", "Rule for kind=rule: share of answer tokens that are one of `rule_targets`, or answer length / max_new_tokens.")
     rule_targets: list = opt(list("0123456789"), "Strings whose single-token encodings the target_token_share rule rewards.")
 
@@ -109,6 +114,8 @@ class LearnerConfig:
     num_cpus_per_rank: float = opt(0.5, "CPUs Ray reserves per learner rank.", min=0.0)
     num_gpus_per_rank: float = opt(0.0, "GPUs per learner rank (1 on GPU clusters).", min=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places learner ranks across nodes.")
+    resources_per_rank: dict = opt({}, "Extra custom Ray resources per learner rank, e.g. {learner_node: 1}.")
+    max_nonfinite_steps: int = opt(3, "Stop after this many steps in a row skipped for a NaN or infinite loss.", min=1)
     max_failures: int = opt(0, "Times Ray Train restarts a failed learner group (FailureConfig).", min=-1)
 
 
@@ -124,6 +131,9 @@ class ClusterConfig:
     address: str | None = opt(None, "Ray address to join (None starts a local Ray).")
     num_cpus: int | None = opt(None, "CPUs for a local Ray (None = all).", min=1)
     runtime_env_dir: str | None = opt(None, "Working directory shipped to a remote cluster (None = none).")
+    check_resources: bool = opt(True, "Before starting, check every role's resources fit the cluster's nodes and fail with one line if not; turn off on autoscaling clusters whose nodes appear on demand.")
+    placement_timeout_s: float = opt(600.0, "An engine placement group not placed within this many seconds fails, naming the role, instead of pending forever.", min=0.0, min_exclusive=True)
+    storage_path: str | None = opt(None, "Ray Train storage: a shared path or s3:// / gs:// URI reachable from every node (None = run_dir/ray_train).")
 
 
 @dataclass
@@ -141,12 +151,63 @@ class LoggingConfig:
 
 
 @dataclass
+class GeneratorSpec:
+    """One prompt writer (an entry of ``generation.generators``)."""
+
+    source: Literal["policy", "vllm", "openai"] = opt("policy", "policy: the rollout engines (current policy weights); vllm: a separate vLLM engine on model_path; openai: an OpenAI-compatible endpoint.")
+    name: str | None = opt(None, "Label recorded with every prompt it writes (default: derived from source and model).")
+    model_path: str | None = opt(None, "source=vllm: model directory (Hugging Face format) of the separate engine.")
+    base_url: str | None = opt(None, "source=openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_model: str | None = opt(None, "source=openai: model name sent with each request.")
+    api_key_env: str | None = opt(None, "source=openai: environment variable holding the API key (None: no key).")
+    max_concurrency: int = opt(8, "source=openai: requests in flight at once.", min=1)
+    max_retries: int = opt(3, "source=openai: retries of a failed request (connection, timeout, 429, 5xx), with exponential back-off.", min=0)
+    timeout_s: float = opt(120.0, "source=openai: timeout of one request in seconds.", min=0.0, min_exclusive=True)
+
+
+@dataclass
+class GenerationConfig:
+    enabled: bool = opt(False, "Generate each iteration's prompts (Self-Instruct style, novelty-filtered) instead of reading data.prompts_path, which then only seeds and tops up.")
+    generators: list[GeneratorSpec] = field(default_factory=lambda: [GeneratorSpec()], metadata={
+        "doc": "Prompt writers, each {source, name, model_path, base_url, api_model, api_key_env, max_concurrency, max_retries, timeout_s} (see docs/data.md); requests go to them in turn."})
+    requests_per_iteration: int = opt(8, "Generation requests per iteration, each for one pillar and domain.", min=1)
+    prompts_per_request: int = opt(5, "New prompts asked for in one request.", min=1)
+    examples_per_request: int = opt(4, "Examples shown per request: about half seeds (value spec, prompts file), half prompts kept earlier.", min=0)
+    min_words: int = opt(4, "Drop generated prompts with fewer words.", min=1)
+    max_words: int = opt(100, "Drop generated prompts with more words (or more than data.max_prompt_tokens tokens).", min=1)
+    novelty_threshold: float = opt(0.7, "Keep a prompt only if its ROUGE-L F against every prompt kept so far (all iterations) is below this.", min=0.0, max=1.0, min_exclusive=True)
+    num_workers: int = opt(1, "Novelty filter workers (more only pays off for pools of tens of thousands of prompts).", min=1)
+    temperature: float = opt(1.0, "Sampling temperature of the generators.", min=0.0)
+    max_new_tokens: int = opt(192, "Longest generator answer in tokens.", min=1)
+    max_model_len: int = opt(1024, "Context length of a separate generator engine (source=vllm).", min=16)
+
+    def check(self, rollout: RolloutConfig) -> None:
+        """Rules that span fields; run when generation is enabled."""
+        if self.min_words > self.max_words:
+            raise ConfigError(f"generation.min_words = {self.min_words} must not exceed generation.max_words = {self.max_words}")
+        if not self.generators:
+            raise ConfigError("generation.generators = []: give at least one generator, e.g. [{source: policy}]")
+        needs = {"vllm": ("model_path",), "openai": ("base_url", "api_model")}
+        for index, spec in enumerate(self.generators):
+            key = f"generation.generators[{index}]"
+            for name in needs.get(spec.source, ()):
+                if not getattr(spec, name):
+                    raise ConfigError(f"{key}.{name} = None: source={spec.source} needs {' and '.join(needs[spec.source])}")
+            context = {"policy": ("rollout.max_model_len", rollout.max_model_len),
+                       "vllm": ("generation.max_model_len", self.max_model_len)}.get(spec.source)
+            if context and self.max_new_tokens >= context[1]:
+                raise ConfigError(f"generation.max_new_tokens = {self.max_new_tokens} leaves no room for the request in "
+                                  f"{context[0]} = {context[1]} ({key}.source={spec.source}); lower it or raise {context[0]}")
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = opt("outputs/run", "Where metrics, checkpoints and the final policy go.")
     iterations: int = opt(2, "Dynamic Alignment iterations (generate -> judge -> learn -> sync).", min=1)
     seed: int = opt(0, "Global seed: prompt order, sampling and learner init derive from it.")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
@@ -166,6 +227,11 @@ class TrainConfig:
                 f"data.prompts_per_iteration * rollout.group_size = {samples} must be a multiple of "
                 f"learner.num_ranks * learner.micro_batch_size * learner.updates_per_iteration = {per_update}; "
                 "change one of them")
+        if self.generation.enabled:
+            self.generation.check(self.rollout)
+        from dynalign.placement import check_resource_shapes
+
+        check_resource_shapes(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +309,14 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping, source: str) 
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} must be a string")
         value = str(value)
+    elif origin is list and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise ConfigError(f"{where} must be a list of mappings of options of {args[0].__name__}")
+        items = []
+        for index, item in enumerate(value):
+            items.append(args[0]())
+            apply_values(items[-1], item, source, prefix=f"{key}[{index}].")
+        return items
     elif hint in (list, dict) or origin in (list, dict):
         if not isinstance(value, origin or hint):
             raise ConfigError(f"{where} must be a {(origin or hint).__name__}")

@@ -44,6 +44,10 @@ class PromptStream:
     def state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
+    def restore(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self.order = self._order_for(self.epoch)
+
 
 def load_prompts(config: TrainConfig) -> PromptStream:
     """Read, validate and length-filter the prompts file named by ``data.prompts_path``."""
@@ -57,6 +61,8 @@ def load_prompts(config: TrainConfig) -> PromptStream:
         raise ConfigError(f"data.prompts_path = '{path}': no such file; give a JSONL or Parquet file of prompts")
     if suffix not in kinds:
         raise ConfigError(f"data.prompts_path = '{path}': unsupported file type '{suffix}'; use .jsonl or .parquet")
+    if suffix != ".parquet" and not path.read_text(errors="replace").strip():
+        raise ConfigError(f"data.prompts_path = '{path}': the file holds no prompts")
     try:
         rows = load_dataset(kinds[suffix], data_files=str(path), split="train")
     except Exception as err:

@@ -13,6 +13,9 @@ import copy
 import json
 import math
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +23,14 @@ import ray
 import torch
 from tqdm import tqdm
 
-from dynalign import grpo
+from dynalign import checkpoint, grpo
 from dynalign.batch import Group, Sample
 from dynalign.config import ConfigError, TrainConfig, to_yaml
 from dynalign.data import PromptStream, load_prompts
 from dynalign.judge import JudgePool
 from dynalign.learner import LearnerGroup
 from dynalign.metrics import MetricsLogger, Timings
+from dynalign.prompt_gen import PromptSource
 from dynalign.rollout import RolloutPool
 from dynalign.weight_sync import WeightSync
 
@@ -42,10 +46,16 @@ class System:
 
     @classmethod
     def start(cls, config: TrainConfig, run_dir: Path) -> System:
+        from dynalign import placement
+
+        if config.cluster.check_resources:  # one line naming the role that cannot fit, not a hang
+            placement.check_fits(config)
         rollout = RolloutPool(config)
         judge = JudgePool(config)
-        learner = LearnerGroup(config, storage_path=run_dir / "ray_train")
+        learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train")
         engines = rollout.workers + judge.workers
+        if config.rollout.sleep_while_learning:
+            learner = placement.SleepingEnginesLearner(learner, engines)
         names = [i["name"] for i in rollout.infos] + [i["name"] for i in getattr(judge, "infos", [])]
         return cls(rollout, judge, learner, WeightSync(config, engines, names))
 
@@ -56,41 +66,98 @@ class System:
 
 
 def train(config: TrainConfig, resume: str | None = None) -> dict:
-    if resume is not None:
-        raise ConfigError("--resume: checkpoint resume is not available yet in this version")
     check_model_path(config)
     config = absolute_paths(config)
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = checkpoint.resolve(run_dir, resume) if resume else None
+    if resume_from is None:  # a fresh run does not append to an earlier run's logs
+        for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):
+            (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
     prompts = load_prompts(config)
     init_ray(config)
     system = System.start(config, run_dir)
-    logger = MetricsLogger(run_dir, config.logging.tensorboard)
-    history = []
+    stop = GracefulStop()
+    history, source = [], PromptSource(config, prompts)
     try:
-        for iteration in tqdm(range(config.iterations), desc="iterations", disable=not config.logging.progress):
+        first_iteration = restore(system, prompts, resume_from, run_dir) if resume_from else 0
+        logger = MetricsLogger(run_dir, config.logging.tensorboard)
+        source = PromptSource.start(config, prompts, system.rollout, run_dir)  # the prompts file, or generation
+        for iteration in tqdm(range(first_iteration, config.iterations), desc="iterations",
+                              disable=not config.logging.progress):
             timings = Timings()
-            groups, data_stats = sample_scored_groups(system, prompts, config, iteration, timings)      # 1-3
+            with timings("prompts"):
+                iteration_prompts, prompt_stats = source.for_iteration(iteration)                      # 1
+            groups, data_stats = sample_scored_groups(system, iteration_prompts, config, iteration, timings)  # 2-3
             with timings("learn"):
                 samples, advantage_stats = to_samples(groups, config)
                 learn_stats = system.learner.train_step(samples)                                       # 4
             with timings("sync"):
                 sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)          # 5
-            metrics = {**data_stats, **prefixed("adv", advantage_stats), **prefixed("learner", learn_stats),
-                       **sync_stats, **timings.summary()}
+            metrics = {**prefixed("prompts", prompt_stats), **data_stats, **prefixed("adv", advantage_stats),
+                       **prefixed("learner", learn_stats), **sync_stats, **timings.summary()}
             logger.log(iteration, metrics)
-            log_samples(run_dir, iteration, groups, config.logging.log_samples)
+            log_iteration_data(run_dir, iteration, groups, config.logging.log_samples)
             history.append(metrics)
-        if config.checkpoint.save_final_policy:
-            system.learner.save_policy(run_dir / "policy")
-    finally:
+            if stop.requested or due(config.checkpoint.every, iteration, config.iterations):
+                checkpoint.save(run_dir, iteration, system.learner, {"prompts": prompts.state()},
+                                config.checkpoint.keep_last)
+            if stop.requested:
+                print(f"dynalign: stopped by signal after iteration {iteration}; checkpoint written", flush=True)
+                break
+        else:
+            if config.checkpoint.save_final_policy:
+                system.learner.save_policy(run_dir / "policy")
         logger.close()
+    finally:
+        stop.restore()
+        source.close()
         system.shutdown()
     summary = summarize(history, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     return summary
+
+
+def restore(system: System, prompts: PromptStream, checkpoint_dir: Path, run_dir: Path) -> int:
+    """Continue from a checkpoint: learner state, engine weights, prompt order, logs. Returns the
+    first iteration still to run."""
+    state = checkpoint.load_state(checkpoint_dir)
+    system.learner.load_checkpoint(checkpoint_dir / "learner")
+    system.weight_sync.sync(system.learner, version=state["iteration"] + 1)
+    prompts.restore(state["prompts"])
+    for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):
+        truncate_jsonl(run_dir / name, last_iteration=state["iteration"])
+    return state["iteration"] + 1
+
+
+def due(every: int, iteration: int, iterations: int) -> bool:
+    """Checkpoint every ``every`` iterations and after the last one."""
+    return iteration == iterations - 1 or (every > 0 and (iteration + 1) % every == 0)
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM ask the loop to finish the current iteration, checkpoint and shut down; a
+    second signal abandons the iteration at once (actors are still shut down)."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: abandoning the iteration")
+        self.requested = True
+        print(f"dynalign: {signal.Signals(signum).name} received; finishing the iteration, then checkpointing",
+              flush=True)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def sample_scored_groups(system: System, prompts: PromptStream, config: TrainConfig, iteration: int,
@@ -113,6 +180,10 @@ def sample_scored_groups(system: System, prompts: PromptStream, config: TrainCon
         if len(informative) >= wanted:
             break
     seen = len(informative) + len(tied)
+    if not informative:
+        print(f"dynalign: warning: iteration {iteration}: all {seen} groups have zero reward variance after "
+              f"{round_index + 1} round(s); no learning signal, the update is a no-op (check the judge or rewards)",
+              file=sys.stderr, flush=True)
     # Keep the batch shape fixed: top up with tied groups (their advantages are zero).
     chosen = informative + tied[: wanted - len(informative)]
     all_rewards = [r for g in chosen for r in g.rewards]
@@ -148,12 +219,25 @@ def prefixed(prefix: str, stats: dict) -> dict:
     return {f"{prefix}.{k}": float(v) for k, v in stats.items()}
 
 
-def log_samples(run_dir: Path, iteration: int, groups: list[Group], count: int) -> None:
+def log_iteration_data(run_dir: Path, iteration: int, groups: list[Group], count: int) -> None:
+    """Which prompts the iteration trained on, and a few of its candidates with their rewards."""
+    with (run_dir / "prompt_ids.jsonl").open("a") as f:
+        f.write(json.dumps({"iteration": iteration, "prompt_ids": [g.prompt_id for g in groups]}) + "\n")
     with (run_dir / "samples.jsonl").open("a") as f:
         for group in groups[:count]:
             for candidate, reward in zip(group.candidates[:2], group.rewards[:2]):
                 f.write(json.dumps({"iteration": iteration, "prompt_id": group.prompt_id, "prompt": group.prompt,
                                     "answer": candidate.text, "reward": reward}) + "\n")
+
+
+def truncate_jsonl(path: Path, last_iteration: int) -> None:
+    """Drop records of iterations after ``last_iteration`` (written after the checkpoint)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= last_iteration]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        os.replace(tmp, path)
 
 
 def check_model_path(config: TrainConfig) -> None:
@@ -179,13 +263,19 @@ def init_ray(config: TrainConfig) -> None:
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
-    if config.cluster.address:
-        ray.init(address=config.cluster.address, runtime_env=env, log_to_driver=True)
+    # Inside a Ray job (`dynalign submit`, `ray job submit`) RAY_ADDRESS names the cluster.
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS", "").strip() or None
+    if address and not address.startswith(("http://", "https://")):
+        from dynalign.submit import driver_runtime_env
+
+        ray.init(address=address, runtime_env=driver_runtime_env(env), log_to_driver=True)
         return
     # Logical CPUs: tiny CPU runs oversubscribe the cores on purpose (engines idle while the learner steps).
     needed = (config.rollout.num_workers * config.rollout.num_cpus_per_worker
               + (config.judge.num_workers * config.judge.num_cpus_per_worker if config.judge.kind == "policy" else 0)
-              + config.learner.num_ranks * config.learner.num_cpus_per_rank)
+              + config.learner.num_ranks * config.learner.num_cpus_per_rank
+              + (sum(g.source == "vllm" for g in config.generation.generators) * config.rollout.num_cpus_per_worker
+                 if config.generation.enabled else 0))
     num_cpus = config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     # The dashboard also serves Ray's state API, which Ray Train's controller polls.
     ray.init(num_cpus=num_cpus, runtime_env=env)

@@ -64,6 +64,16 @@ class CommandChannel:
 _SUMMED_METRICS = ("loss", "tokens")
 
 
+def _all_ranks_agree(flag: bool) -> bool:
+    """True only if ``flag`` is true on every rank."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def _reduce(key: str, values: list[float]) -> float:
     """Combine a metric over micro-steps or ranks: totals add, maxima take the max, the rest average."""
     if key in _SUMMED_METRICS:
@@ -156,27 +166,36 @@ class PolicyTrainer:
                             if self.reference is not None else None)
         self.engine.module.train()
 
+        normalizers = [grpo.LossNormalizer(mode=learner.loss_agg, num_sequences=len(mini),
+                                           num_tokens=sum(len(s.completion_token_ids) for s in mini),
+                                           max_len=self.config.rollout.max_new_tokens)
+                       for mini in mini_batches]
+
+        def micro_loss(logprobs, u, m, batch):
+            old = old_logprobs[u][m]
+            is_weights = (grpo.truncated_is_weights(old, batch.engine_logprobs, learner.tis_cap)
+                          if learner.tis else None)
+            return grpo.policy_loss(
+                logprobs, old, batch.advantages, batch.completion_mask, normalizers[u],
+                eps_low=learner.eps_low, eps_high=learner.eps_high,
+                ref_logprobs=ref_logprobs[u][m] if ref_logprobs is not None else None,
+                beta=learner.beta, kl_estimator=learner.kl_estimator, is_weights=is_weights)
+
+        # A non-finite loss would poison the weights. At ratio 1 the loss needs no new forward
+        # pass, so every rank probes its micro-batches and all ranks skip the step together.
+        with torch.no_grad():
+            finite = all(bool(torch.isfinite(micro_loss(old_logprobs[u][m], u, m, b)[0]))
+                         for u, mbs in enumerate(local_micro) for m, b in enumerate(mbs))
+        if not _all_ranks_agree(finite):
+            return {"skipped_nonfinite": 1.0, "step_seconds": 0.0, "tokens": 0.0}
+
         metrics: dict[str, list[float]] = defaultdict(list)
         started = time.perf_counter()
         for u, micro_batches in enumerate(local_micro):
-            mini = mini_batches[u]
-            normalizer = grpo.LossNormalizer(
-                mode=learner.loss_agg,
-                num_sequences=len(mini),
-                num_tokens=sum(len(s.completion_token_ids) for s in mini),
-                max_len=self.config.rollout.max_new_tokens,
-            )
             for m, batch in enumerate(micro_batches):
                 logprobs, logits = self._sequence_logprobs(self.engine.module, batch)
-                old = old_logprobs[u][m]
-                mask = batch.completion_mask
-                is_weights = (grpo.truncated_is_weights(old, batch.engine_logprobs, learner.tis_cap)
-                              if learner.tis else None)
-                loss, step_metrics = grpo.policy_loss(
-                    logprobs, old, batch.advantages, mask, normalizer,
-                    eps_low=learner.eps_low, eps_high=learner.eps_high,
-                    ref_logprobs=ref_logprobs[u][m] if ref_logprobs is not None else None,
-                    beta=learner.beta, kl_estimator=learner.kl_estimator, is_weights=is_weights)
+                old, mask = old_logprobs[u][m], batch.completion_mask
+                loss, step_metrics = micro_loss(logprobs, u, m, batch)
                 # DeepSpeed averages gradients over ranks; the normalizer already divides by the
                 # whole batch, so undo the average and skip its per-GAS scaling.
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -195,6 +214,7 @@ class PolicyTrainer:
             if grad_norm is not None:
                 metrics["grad_norm"].append(float(grad_norm))
         summary = {key: _reduce(key, values) for key, values in metrics.items()}
+        summary["skipped_nonfinite"] = 0.0
         summary["step_seconds"] = time.perf_counter() - started
         summary["tokens"] = float(sum(len(s.prompt_token_ids) + len(s.completion_token_ids)
                                       for mini in mini_batches for s in mini[self.rank::self.world_size]))
@@ -256,8 +276,18 @@ class PolicyTrainer:
         shutil.rmtree(old, ignore_errors=True)
         return str(target)
 
-    def ping(self) -> int:
-        return self.rank
+    def save_checkpoint(self, directory: str) -> None:
+        """Model, optimizer and scheduler state through DeepSpeed (every rank writes its shard)."""
+        self.engine.save_checkpoint(directory, tag="learner")
+
+    def load_checkpoint(self, directory: str) -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag="learner")
+        if path is None:
+            raise FileNotFoundError(f"no learner checkpoint under {directory}")
+
+    def ping(self) -> dict:
+        """Where this rank runs (the driver keeps it as ``LearnerGroup.infos``)."""
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
 
 def _rank_main(loop_config: dict) -> None:
@@ -296,6 +326,7 @@ def _fit(config: TrainConfig, channel, storage_path: str) -> None:
     resources = {"CPU": learner.num_cpus_per_rank}
     if learner.num_gpus_per_rank:
         resources["GPU"] = learner.num_gpus_per_rank
+    resources.update(learner.resources_per_rank)
     trainer = TorchTrainer(
         _rank_main,
         train_loop_config={"config": config, "channel": channel},
@@ -320,8 +351,10 @@ class LearnerGroup:
     def __init__(self, config: TrainConfig, storage_path: str | os.PathLike):
         self.config = config
         self.channel = CommandChannel.remote(config.learner.num_ranks)
-        self.fit_ref = _fit.remote(config, self.channel, str(Path(storage_path).resolve()))
-        self.call("ping")
+        storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
+        self.fit_ref = _fit.remote(config, self.channel, storage)
+        self.nonfinite_streak = 0
+        self.infos = self.call("ping")
 
     def call(self, name: str, *args, timeout_s: float | None = None) -> list[Any]:
         seq = ray.get(self.channel.submit.remote(name, args))
@@ -340,7 +373,13 @@ class LearnerGroup:
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         per_rank = self.call("train_step", ray.put(samples))
-        return {key: _reduce(key, [r[key] for r in per_rank]) for key in per_rank[0]}
+        metrics = {key: _reduce(key, [r[key] for r in per_rank]) for key in per_rank[0]}
+        self.nonfinite_streak = self.nonfinite_streak + 1 if metrics["skipped_nonfinite"] else 0
+        limit = self.config.learner.max_nonfinite_steps
+        if self.nonfinite_streak >= limit:
+            raise LearnerError(f"the loss was NaN or infinite in {self.nonfinite_streak} steps in a row "
+                               f"(learner.max_nonfinite_steps = {limit}); lower learner.lr or check the rewards")
+        return metrics
 
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
         per_rank = self.call("logprobs", ray.put(samples))
@@ -355,6 +394,12 @@ class LearnerGroup:
 
     def save_policy(self, path: str | os.PathLike) -> str:
         return self.call("save_policy", str(path))[0]
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> None:
+        self.call("save_checkpoint", str(directory))
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        self.call("load_checkpoint", str(directory))
 
     def shutdown(self) -> None:
         try:

@@ -21,9 +21,10 @@ def tiny_model_path(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One local Ray for every test that needs it (starting Ray costs ~10 s)."""
+    """One local Ray per test module (starting Ray costs ~10 s). Not per session: tests that start
+    their own cluster (subprocess runs, a token-auth head) must not find a second one alive."""
     import ray
 
     if not ray.is_initialized():

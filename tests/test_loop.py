@@ -3,6 +3,7 @@ Ray Train, in-place weight sync. Slow: each test starts engines and learner rank
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -21,9 +22,9 @@ def _max_logprob_gap(learner, samples) -> float:
 
 def test_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_path, tmp_path):
     """After a sync vLLM's sampling log-probs match the learner's within 0.05; without it they do not."""
-    from dynalign.driver import absolute_paths, to_samples
     from dynalign.data import load_prompts
-    from dynalign.learner import LearnerGroup
+    from dynalign.driver import absolute_paths, to_samples
+    from dynalign.learner import LearnerError, LearnerGroup
     from dynalign.rollout import RolloutPool
     from dynalign.weight_sync import WeightSync, WeightSyncError
 
@@ -64,6 +65,15 @@ def test_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_path, tm
         config.sync.timeout_s = 1e-4
         with pytest.raises(WeightSyncError, match=r"rollout-0 did not finish within sync.timeout_s"):
             WeightSync(config, rollout.workers, ["rollout-0"]).sync(learner, version=2)
+
+        # A NaN loss skips the step on every rank (weights untouched); K in a row stop the run.
+        poisoned = [dataclasses.replace(s, advantage=float("nan")) for s in fresh_samples]
+        before = learner.logprobs(fresh_samples)
+        for _ in range(config.learner.max_nonfinite_steps - 1):
+            assert learner.train_step(poisoned)["skipped_nonfinite"] == 1.0
+        assert learner.logprobs(fresh_samples) == before
+        with pytest.raises(LearnerError, match=r"NaN or infinite in 3 steps in a row \(learner.max_nonfinite_steps = 3\)"):
+            learner.train_step(poisoned)
     finally:
         learner.shutdown()
         rollout.shutdown()

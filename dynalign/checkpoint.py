@@ -1,0 +1,89 @@
+"""Checkpoints: everything a run needs to continue exactly where it stood.
+
+Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
+scheduler), ``policy/`` (Hugging Face format), ``state.json`` (iteration, prompt stream, seeds)
+and ``manifest.json`` (written last: a directory without it is not a checkpoint). The directory
+is written under a temporary name and renamed into place, so a crash or a full disk never leaves
+a half-written checkpoint, and the previous one stays intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+PREFIX = "iter_"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: int) -> Path:
+    """Write the checkpoint of a completed ``iteration``; returns its directory."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{iteration:06d}"
+    staging = root / f".tmp-{PREFIX}{iteration:06d}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        learner.save_checkpoint(staging / "learner")
+        learner.save_policy(staging / "policy")
+        write_json(staging / "state.json", {**state, "iteration": iteration})
+        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        write_json(staging / MANIFEST, {"iteration": iteration, "created": time.time(), "files": files})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    prune(root, keep_last)
+    return final
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Atomic JSON write: a temp file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        json.dump(payload, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / MANIFEST).is_file())
+
+
+def prune(root: Path, keep_last: int) -> None:
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve(run_dir: str | Path, resume: str) -> Path:
+    """``latest`` or a path -> a complete checkpoint directory, or a one-line error."""
+    from dynalign.config import ConfigError
+
+    if resume == "latest":
+        found = complete_checkpoints(checkpoint_root(run_dir))
+        if not found:
+            raise ConfigError(f"--resume latest: no complete checkpoint under {checkpoint_root(run_dir)}; "
+                              "start without --resume")
+        return found[-1]
+    path = Path(resume)
+    if not (path / MANIFEST).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {MANIFEST}); "
+                          f"use --resume latest or a directory under {checkpoint_root(run_dir)}")
+    return path
+
+
+def load_state(path: Path) -> dict:
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,152 @@
+"""Reliability on real processes: exact resume after SIGKILL, graceful SIGTERM, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _train_command(model_path: str, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "dynalign.cli", "train", "--config", str(REPO / "configs/smoke.yaml"),
+            f"model.path={model_path}", f"run_dir={run_dir}", "judge.kind=rule", "iterations=3",
+            "learner.lr=5e-3", "checkpoint.every=1", "checkpoint.keep_last=5", "logging.progress=false",
+            "logging.tensorboard=false", "cluster.num_cpus=4", *extra]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 600) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert process.poll() is None, f"run exited early with {process.returncode}"
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout_s} s"
+        time.sleep(0.5)
+
+
+def _policy_tensors(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "policy" / "model.safetensors"))
+
+
+def _prompt_ids(run_dir: Path) -> list:
+    return [json.loads(line)["prompt_ids"] for line in (run_dir / "prompt_ids.jsonl").read_text().splitlines()]
+
+
+def _run_processes(run_dir: Path) -> list[str]:
+    """Processes still alive that belong to this run (their command line names its directory)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if str(run_dir) in line and "ps -eo" not in line]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model_path, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    subprocess.run(_train_command(tiny_model_path, straight), env=_env(), cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+
+    process = subprocess.Popen(_train_command(tiny_model_path, interrupted), env=_env(), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(interrupted / "checkpoints" / "iter_000000" / "manifest.json", process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray it started
+        process.wait()
+    assert not (interrupted / "policy").exists()
+
+    subprocess.run(_train_command(tiny_model_path, interrupted) + ["--resume", "latest"], env=_env(), cwd=REPO,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+
+    # No prompt replayed, none skipped: the same prompt ids, iteration by iteration.
+    assert _prompt_ids(interrupted) == _prompt_ids(straight)
+    assert len(_prompt_ids(straight)) == 3
+    resumed, reference = _policy_tensors(interrupted), _policy_tensors(straight)
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert (resumed[name] == reference[name]).all(), f"{name} differs after resume"
+    metrics = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_leaves_no_process(tiny_model_path, tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(_train_command(tiny_model_path, run_dir, "iterations=50", "checkpoint.every=0"),
+                               env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(run_dir / "prompt_ids.jsonl", process)  # the first iteration is done
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output[-2000:]
+    assert "SIGTERM received" in output
+    checkpoints = sorted((run_dir / "checkpoints").glob("iter_*/manifest.json"))
+    assert checkpoints, "a checkpoint must exist after SIGTERM"
+    iterations_done = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    assert 1 <= iterations_done < 50
+    time.sleep(2)
+    assert _run_processes(run_dir) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 256 KiB filesystem (tmpfs) so that 'disk full' is the kernel's ENOSPC, not a mock."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+                             capture_output=True).returncode == 0
+    assert mounted, "this test needs root to mount a small tmpfs (CI and dev machines run as root)"
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+class FakeLearnerWritingShards:
+    """Stands in for the DeepSpeed learner's file writes only: it writes real bytes to the real
+    (small) disk, so a large shard runs into a real 'No space left on device'."""
+
+    def __init__(self, shard_bytes: int):
+        self.shard_bytes = shard_bytes
+
+    def save_checkpoint(self, directory):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "mp_rank_00_model_states.pt").write_bytes(os.urandom(self.shard_bytes))
+
+    def save_policy(self, directory):
+        Path(directory).mkdir(parents=True)
+        (Path(directory) / "model.safetensors").write_bytes(b"w" * 1024)
+
+
+def test_full_disk_leaves_no_partial_checkpoint_and_keeps_the_previous(small_disk):
+    from dynalign import checkpoint
+
+    first = checkpoint.save(small_disk, 0, FakeLearnerWritingShards(64 * 1024),
+                            {"prompts": {"epoch": 0, "position": 4}}, keep_last=2)
+    with pytest.raises(OSError, match="No space left on device"):
+        checkpoint.save(small_disk, 1, FakeLearnerWritingShards(512 * 1024), {"prompts": {}}, keep_last=2)
+    root = checkpoint.checkpoint_root(small_disk)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_000000"]  # no temp dir left behind
+    assert checkpoint.resolve(small_disk, "latest") == first
+    assert checkpoint.load_state(first) == {"prompts": {"epoch": 0, "position": 4}, "iteration": 0}
+    assert (first / "learner" / "mp_rank_00_model_states.pt").stat().st_size == 64 * 1024
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    from dynalign import checkpoint
+
+    for iteration in range(4):
+        checkpoint.save(tmp_path, iteration, FakeLearnerWritingShards(16), {"prompts": {}}, keep_last=2)
+    root = checkpoint.checkpoint_root(tmp_path)
+    assert sorted(p.name for p in root.iterdir()) == ["iter_000002", "iter_000003"]
+    (root / "iter_000004").mkdir()  # no manifest: not a checkpoint
+    assert checkpoint.resolve(tmp_path, "latest").name == "iter_000003"
