@@ -29,6 +29,8 @@ class EngineWorker:
     def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int | None = None):
         from vllm import LLM
 
+        from dynalign.nccl_sync import engine_kwargs as nccl_engine_kwargs
+
         self.name = name
         rollout = config.rollout
         started = time.perf_counter()
@@ -44,6 +46,8 @@ class EngineWorker:
             worker_extension_cls=WORKER_EXTENSION,
             # Log-probs after temperature scaling: what the learner recomputes.
             logprobs_mode="processed_logprobs",
+            enable_sleep_mode=rollout.sleep_while_learning,
+            **nccl_engine_kwargs(config),  # vLLM's weight_transfer_config when the sync is NCCL
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.start_seconds = time.perf_counter() - started
@@ -89,6 +93,67 @@ class EngineWorker:
     def weight_checksum(self) -> float:
         return self.llm.collective_rpc("dynalign_weight_checksum")[0]
 
+    def sleep(self, level: int = 1) -> None:
+        """Free the GPU while the learner steps (``rollout.sleep_while_learning``; GPU only)."""
+        self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
     def collective_rpc(self, method: str, args: tuple = ()) -> list:
         """Escape hatch for weight-transfer backends that talk to vLLM's workers directly."""
         return self.llm.collective_rpc(method, args=args)
+
+
+def call_engines(jobs: list[tuple[Any, str, str, tuple]], restore_weights=None, max_attempts: int = 3,
+                 restart_timeout_s: float = 600.0) -> list:
+    """Run ``actor.method(*args)`` for each (actor, name, method, args) job and return the results
+    in order. Engine actors are created with ``max_restarts``: if one dies mid-call, Ray restarts
+    its process; we wait for it, put the current weights back (``restore_weights(actor, name)``)
+    and run its job again, so no job is lost and none is counted twice."""
+    import sys
+
+    import ray
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    def submit(index: int):
+        actor, _, method, args = jobs[index]
+        return getattr(actor, method).remote(*args)
+
+    results: list = [None] * len(jobs)
+    attempts = [1] * len(jobs)
+    pending = {submit(i): i for i in range(len(jobs))}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        index = pending.pop(ready[0])
+        try:
+            results[index] = ray.get(ready[0])
+        except (RayActorError, ActorUnavailableError) as err:
+            actor, name, method, _ = jobs[index]
+            if attempts[index] >= max_attempts:
+                raise RuntimeError(f"{name} died {attempts[index]} times running '{method}'; giving up") from err
+            attempts[index] += 1
+            print(f"dynalign: warning: {name} died during '{method}' ({type(err).__name__}); waiting for Ray to "
+                  "restart it, restoring the current weights, retrying", file=sys.stderr, flush=True)
+            wait_until_alive(actor, name, restart_timeout_s)
+            if restore_weights is not None:
+                restore_weights(actor, name)
+            pending[submit(index)] = index
+    return results
+
+
+def wait_until_alive(actor, name: str, timeout_s: float) -> None:
+    import time
+
+    import ray
+    from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.info.remote(), timeout=max(1.0, deadline - time.monotonic()))
+            return
+        except (RayActorError, ActorUnavailableError, GetTimeoutError) as err:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{name} did not come back within {timeout_s:g} s after dying") from err
+            time.sleep(1.0)

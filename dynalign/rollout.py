@@ -6,10 +6,11 @@ import ray
 
 from dynalign.batch import Candidate, Group
 from dynalign.config import TrainConfig
-from dynalign.engine import EngineWorker, engine_env
+from dynalign.engine import EngineWorker, call_engines, engine_env
+from dynalign.judge import JudgeMixin
 
 
-class RolloutWorker(EngineWorker):
+class RolloutWorker(JudgeMixin, EngineWorker):  # JudgeMixin: judge.engine=shared judges here
     def generate_groups(self, prompts: list[tuple[str, str]], sampling: dict) -> list[Group]:
         """Apply the chat template and sample ``sampling['n']`` candidates per prompt in one batched call."""
         prompt_ids = [self.chat_token_ids([{"role": "user", "content": text}]) for _, text in prompts]
@@ -33,15 +34,17 @@ class RolloutPool:
     """The rollout actors; prompts are spread over them in contiguous shares."""
 
     def __init__(self, config: TrainConfig):
+        from dynalign.placement import engine_placement
+
         rollout = config.rollout
-        actor = ray.remote(RolloutWorker).options(
-            num_cpus=rollout.num_cpus_per_worker,
-            num_gpus=rollout.num_gpus_per_worker,
-            runtime_env={"env_vars": engine_env(rollout)},
-        )
+        self.placement = engine_placement(config, "rollout")  # fit check + placement groups
+        actor = ray.remote(RolloutWorker)
         self.config = config
-        self.workers = [actor.remote(config, f"rollout-{i}", rollout.seed + i) for i in range(rollout.num_workers)]
+        # max_restarts: Ray brings a dead engine back; call_engines restores its weights and retries.
+        self.workers = [actor.options(**self.placement.options(i, engine_env(rollout)), max_restarts=-1)
+                        .remote(config, f"rollout-{i}", rollout.seed + i) for i in range(rollout.num_workers)]
         self.infos = ray.get([w.info.remote() for w in self.workers])
+        self.restore_weights = None  # set by the weight sync once it exists
 
     def sampling(self, iteration: int, round_index: int = 0) -> dict:
         rollout = self.config.rollout
@@ -55,16 +58,17 @@ class RolloutPool:
             return []
         shares = split_evenly(prompts, len(self.workers))
         sampling = self.sampling(iteration, round_index)
-        futures, offset = [], 0
-        for worker, share in zip(self.workers, shares):
+        jobs, offset = [], 0
+        for worker, info, share in zip(self.workers, self.infos, shares):
             if share:
-                futures.append(worker.generate_groups.remote(share, {**sampling, "seed": sampling["seed"] + offset}))
+                jobs.append((worker, info["name"], "generate_groups", (share, {**sampling, "seed": sampling["seed"] + offset})))
             offset += len(share)
-        return [group for share in ray.get(futures) for group in share]
+        return [group for share in call_engines(jobs, self.restore_weights) for group in share]
 
     def shutdown(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
+        self.placement.remove()
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

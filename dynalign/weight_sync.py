@@ -31,7 +31,14 @@ class WeightSync:
         self.config = config
         self.engines, self.engine_names = engines, engine_names
         self.backend = choose_backend(config)
-        if self.backend != "reload":
+        self.last_export, self.version = None, 0  # what a restarted engine must get back
+        if self.backend == "nccl":
+            from dynalign.nccl_sync import NcclWeightSync
+
+            # Same contract, other transport: these instance attributes stand in for the methods below.
+            nccl = NcclWeightSync(config, engines, engine_names)
+            self.sync, self.restore = nccl.sync, nccl.restore
+        elif self.backend != "reload":
             raise WeightSyncError(f"sync.backend = '{self.backend}' is not available in this build; use sync.backend=reload")
 
     def sync(self, learner, version: int) -> dict[str, float]:
@@ -45,10 +52,20 @@ class WeightSync:
             # Actor calls run in order, so apply runs after every bucket is staged.
             pending[engine.apply_staged_weights.remote(version)] = (name, staged)
         self._wait(pending, started)
+        self.last_export, self.version = exported, version
         seconds = time.perf_counter() - started
         moved = exported["bytes"] * len(self.engines)
         return {"sync_seconds": seconds, "sync_export_seconds": export_seconds, "sync_bytes": float(moved),
                 "sync_buckets": float(len(exported["buckets"])), "sync_gb_per_s": moved / max(seconds, 1e-9) / 1e9}
+
+    def restore(self, engine, name: str) -> None:
+        """Give an engine that Ray restarted (it came back with the initial weights) the weights of
+        the last sync; the object store still holds that export."""
+        if self.last_export is None:
+            return
+        started = time.perf_counter()
+        staged = [engine.stage_weights.remote(bucket) for bucket in self.last_export["buckets"]]
+        self._wait({engine.apply_staged_weights.remote(self.version): (name, staged)}, started)
 
     def _wait(self, pending: dict, started: float) -> None:
         deadline = started + self.config.sync.timeout_s
