@@ -4,6 +4,11 @@
     dynalign config --config configs/smoke.yaml [key=value ...]   # resolved config as YAML
     dynalign config --doc                                         # every option, default and doc
     dynalign make-tiny-model outputs/tiny-model [--seed N] [--overwrite]
+    dynalign data-report RUN_DIR [--out DIR] [--max-pairs N]   # generated prompts: PNGs + JSON
+    dynalign submit --address URL --config X [key=value ...] [--follow]   # run as a Ray job
+    dynalign jobs status|logs|stop ID --address URL
+    dynalign eval --policy RUN/policy --baseline MODEL [--config X] [--tasks T1,T2]   # aligned? capable?
+    dynalign report RUN_DIR [--out DIR]                          # RUN_DIR/report/index.html
 
 Each subcommand is one ``_add_<name>`` function (its parser) plus one ``_cmd_<name>`` function
 (what it does); add later subcommands the same way and list them in ``SUBCOMMANDS``. Heavy
@@ -17,8 +22,10 @@ A bad option (``ConfigError``) or a missing user file prints one line,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from dynalign import __version__
@@ -101,6 +108,10 @@ def _yaml_scalar(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, list):
         return "[" + ", ".join(_yaml_scalar(v) for v in value) + "]"
+    if dataclasses.is_dataclass(value):  # a list entry such as a generator: its non-default fields
+        fields = [f for f in dataclasses.fields(value)
+                  if f.name == "source" or getattr(value, f.name) != f.default]
+        return "{" + ", ".join(f"{f.name}: {_yaml_scalar(getattr(value, f.name))}" for f in fields) + "}"
     return str(value)
 
 
@@ -139,14 +150,77 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# data-report
+# ---------------------------------------------------------------------------------------------
+
+def _add_data_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "data-report",
+        help="plots and a JSON summary of a run's generated prompts (ROUGE-L, lengths, drops)",
+        description="Read RUN_DIR/prompts (written when generation.enabled=true) and write, per "
+                    "iteration and overall, PNGs of the pairwise ROUGE-L among kept prompts and of "
+                    "prompt lengths, an overview PNG, and summary.json (kept and dropped by reason, "
+                    "per pillar, mean and p95 similarity).",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run_dir of `train`)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output directory (default: RUN_DIR/data_report)")
+    p.add_argument("--max-pairs", type=int, default=200_000, metavar="N",
+                   help="pairs scored for a similarity histogram; more pairs are sampled (default: 200000)")
+    p.set_defaults(func=_cmd_data_report)
+
+
+def _cmd_data_report(args: argparse.Namespace) -> int:
+    from dynalign.data_report import data_report
+
+    if args.max_pairs < 1:
+        raise ConfigError(f"data-report --max-pairs {args.max_pairs}: must be at least 1")
+    summary = data_report(args.run_dir, args.out, max_pairs=args.max_pairs)
+    overall = summary["overall"]
+    dropped = ", ".join(f"{k} {v}" for k, v in overall["dropped"].items() if v) or "none"
+    print(f"{overall['kept']} prompts kept over {len(summary['iterations'])} iterations (dropped: {dropped}); "
+          f"pairwise ROUGE-L mean {overall['pairwise_rouge_l']['mean'] or 0:.3f}, "
+          f"p95 {overall['pairwise_rouge_l']['p95'] or 0:.3f}")
+    print(f"report: {len(summary['images'])} PNGs and summary.json in {Path(summary['images'][-1]).parent}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Parser and entry point
 # ---------------------------------------------------------------------------------------------
 
-# Planned: submit, jobs, data-report, eval, report.
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    from dynalign.submit import add_submit_parser  # parser and command live in dynalign/submit.py
+
+    add_submit_parser(sub)
+
+
+def _add_jobs(sub: argparse._SubParsersAction) -> None:
+    from dynalign.submit import add_jobs_parser
+
+    add_jobs_parser(sub)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    from dynalign.eval_cli import add_eval_parser  # parser and command live in dynalign/eval_cli.py
+
+    add_eval_parser(sub)
+
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    from dynalign.eval_cli import add_report_parser
+
+    add_report_parser(sub)
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_config,
     _add_make_tiny_model,
+    _add_data_report,
+    _add_submit,
+    _add_jobs,
+    _add_eval,
+    _add_report,
 ]
 
 

