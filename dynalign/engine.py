@@ -87,6 +87,9 @@ class EngineWorker:
 
     def apply_staged_weights(self, version: int) -> int:
         loaded = self.llm.collective_rpc("dynalign_apply_staged_weights")[0]
+        # Cached prefix blocks hold keys/values computed with the old weights; a prompt sharing a
+        # prefix with an earlier one (the judge's rubric, a chat template) would reuse them.
+        self.llm.reset_prefix_cache()
         self.weight_version = version
         return loaded
 

@@ -22,8 +22,9 @@ class WeightSyncError(RuntimeError):
 def choose_backend(config: TrainConfig) -> str:
     if config.sync.backend != "auto":
         return config.sync.backend
-    # The in-place reload path works everywhere; NCCL needs GPUs on both sides.
-    return "nccl" if config.rollout.num_gpus_per_worker > 0 and config.learner.num_gpus_per_rank > 0 else "reload"
+    # The in-place reload path works everywhere; NCCL needs whole GPUs on both sides (fractional
+    # GPUs share a device, and NCCL refuses two ranks of one group on the same GPU).
+    return "nccl" if config.rollout.num_gpus_per_worker >= 1 and config.learner.num_gpus_per_rank >= 1 else "reload"
 
 
 class WeightSync:
