@@ -283,7 +283,8 @@ def init_ray(config: TrainConfig) -> None:
                  if config.generation.enabled else 0))
     num_cpus = config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
     # The dashboard also serves Ray's state API, which Ray Train's controller polls.
-    ray.init(num_cpus=num_cpus, runtime_env=env)
+    # address="local": always a new local cluster, even if another Ray runs on this machine.
+    ray.init(address="local", num_cpus=num_cpus, runtime_env=env)
 
 
 def summarize(history: list[dict], run_dir: Path) -> dict:

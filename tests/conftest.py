@@ -28,7 +28,7 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=6, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING",
+        ray.init(address="local", num_cpus=6, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING",
                                                        "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()
