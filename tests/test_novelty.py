@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 import random
 
 import numpy as np
@@ -276,13 +275,8 @@ def test_num_workers_2_identical_to_single_process():
     assert [(d.best_score, d.nearest_index) for d in got[2:]] == [(f, first), (f, first)]
 
 
-def test_ray_backend_identical(request):
-    # Runs when the session already has Ray up (the suite's shared `ray_local`
-    # fixture) or with DYNALIGN_TEST_RAY=1; starting Ray just for this costs ~10 s.
-    ray = pytest.importorskip("ray")
-    if not (ray.is_initialized() or os.environ.get("DYNALIGN_TEST_RAY")):
-        pytest.skip("Ray not initialised in this session; set DYNALIGN_TEST_RAY=1 to start it")
-    request.getfixturevalue("ray_local")  # shared session Ray; never shut down here
+@pytest.mark.slow
+def test_ray_backend_identical(ray_local):
     cands = make_candidates(600, seed=12)
     ref = NoveltyFilter().filter(cands)
     with NoveltyFilter(num_workers=2, block_size=100) as par:  # backend="auto" -> Ray
