@@ -70,7 +70,7 @@ def test_exclusive_lower_bound(tmp_path):
 
 def test_literal_choice_lists_allowed_values(tmp_path):
     path = write_yaml(tmp_path, "judge:\n  kind: oracle\n")
-    assert error_of(path) == f"judge.kind = 'oracle' (from {path}) must be one of policy, rule"
+    assert error_of(path) == f"judge.kind = 'oracle' (from {path}) must be one of policy, rule, external_vllm, openai"
 
 
 def test_unknown_section_lists_known_keys(tmp_path):
