@@ -27,7 +27,13 @@ from dynalign import checkpoint, grpo
 from dynalign.batch import Group, Sample
 from dynalign.config import ConfigError, TrainConfig, to_yaml
 from dynalign.data import PromptStream, load_prompts
-from dynalign.judge import JudgePool, judge_actor_count, judge_metrics, log_score_histogram
+from dynalign.judge import (
+    JudgePool,
+    judge_actor_count,
+    judge_engines_synced,
+    judge_metrics,
+    log_score_histogram,
+)
 from dynalign.learner import LearnerGroup
 from dynalign.metrics import MetricsLogger, Timings
 from dynalign.prompt_gen import PromptSource
@@ -59,7 +65,8 @@ class System:
             learner = placement.SleepingEnginesLearner(learner, engines)
         names = [i["name"] for i in rollout.infos] + judge.synced_names
         weight_sync = WeightSync(config, engines, names)
-        rollout.restore_weights = weight_sync.restore
+        rollout.restore_weights = weight_sync.restore  # for an engine Ray had to restart
+        judge.restore_weights = weight_sync.restore if judge_engines_synced(config) else None
         return cls(rollout, judge, learner, weight_sync)
 
     def shutdown(self) -> None:

@@ -41,7 +41,7 @@ import ray
 
 from dynalign.batch import Group
 from dynalign.config import ConfigError, JudgeConfig, TrainConfig
-from dynalign.engine import EngineWorker, engine_env
+from dynalign.engine import EngineWorker, call_engines, engine_env
 
 log = logging.getLogger("dynalign.judge")
 
@@ -764,6 +764,7 @@ class JudgePool:
         self.workers, self.infos, self.synced_workers, self.synced_names = [], [], [], []
         self.rule = self.http = self.placement = self.rollout = None
         self.own_workers = False
+        self.restore_weights = None  # set by the driver: puts the current weights into a restarted engine
         self.calls = 0
         judge = config.judge
         if judge.kind == "rule":
@@ -792,7 +793,7 @@ class JudgePool:
             options = [{"num_cpus": judge.num_cpus_per_worker, "num_gpus": judge.num_gpus_per_worker,
                         "runtime_env": {"env_vars": engine_env(config.rollout)}}] * judge.num_workers
         actor = ray.remote(JudgeWorker)
-        self.workers = [actor.options(**options[i]).remote(config, f"judge-{i}", config.seed + 7919 * (i + 1))
+        self.workers = [actor.options(**options[i], max_restarts=-1).remote(config, f"judge-{i}", config.seed + 7919 * (i + 1))
                         for i in range(judge.num_workers)]
         self.own_workers = True
         self.infos = ray.get([w.info.remote() for w in self.workers])
@@ -828,15 +829,24 @@ class JudgePool:
     def _score_on_engines(self, items, seed: int) -> list[dict]:
         workers = self.rollout.workers if self.rollout is not None else self.workers
         shares = _contiguous_shares(len(items), len(workers))
-        refs = {}
+        refs, jobs = {}, {}
         for index, (worker, (start, end)) in enumerate(zip(workers, shares)):
             if end > start:
-                refs[worker.judge_groups.remote(items[start:end], self.judge, self.spec, seed + index * 10**6)] = (start, end)
+                ref = worker.judge_groups.remote(items[start:end], self.judge, self.spec, seed + index * 10**6)
+                refs[ref], jobs[ref] = (start, end), (worker, index)
         ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=self.judge.call_timeout_s)
         infos: list = [None] * len(items)
         for ref in ready:
             start, end = refs[ref]
-            infos[start:end] = ray.get(ref)
+            try:
+                infos[start:end] = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                # The engine died: Ray restarts it; call_engines restores its weights and retries.
+                worker, index = jobs[ref]
+                restore = self.restore_weights if self.rollout is None else self.rollout.restore_weights
+                infos[start:end] = call_engines(
+                    [(worker, f"judge engine {index}", "judge_groups",
+                      (items[start:end], self.judge, self.spec, seed + index * 10**6))], restore)[0]
         for ref in late:  # the engine is still busy; its groups are invalid this time
             start, end = refs[ref]
             for g in range(start, end):

@@ -81,7 +81,9 @@ def role_requests(config: TrainConfig) -> list[RoleRequest]:
         "rollout", rollout.num_workers, tp,
         bundle_resources(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources),
         rollout.placement_strategy, _keys("rollout", "num_workers", "worker", "resources"))]
-    if judge.kind == "policy":
+    from dynalign.judge import judge_actor_count
+
+    if judge_actor_count(config):
         requests.append(RoleRequest(
             "judge", judge.num_workers, tp,
             bundle_resources(judge.num_cpus_per_worker, judge.num_gpus_per_worker, judge.resources),

@@ -135,7 +135,10 @@ def test_kuberay_manifests_use_token_auth_and_cluster_ip():
 # ---------------------------------------------------------------------------------------------
 
 def test_smoke_fits_a_small_cpu_node():
-    assert check_fits(_smoke(), _nodes({"CPU": 4})) == {"rollout": [0], "judge": [0], "learner": [0, 0]}
+    # judge.engine=shared (the default): the rollout engines judge, no judge actor is placed.
+    assert check_fits(_smoke(), _nodes({"CPU": 4})) == {"rollout": [0], "learner": [0, 0]}
+    assert check_fits(_smoke("judge.engine=dedicated"), _nodes({"CPU": 4})) == {
+        "rollout": [0], "judge": [0], "learner": [0, 0]}
 
 
 def test_gpu_request_on_cpu_cluster_is_one_line():
@@ -164,7 +167,7 @@ def test_strict_spread_needs_distinct_nodes():
 
 
 def test_roles_that_fit_alone_but_not_together():
-    config = _smoke("rollout.num_cpus_per_worker=2", "judge.num_cpus_per_worker=2")
+    config = _smoke("rollout.num_cpus_per_worker=2", "judge.num_cpus_per_worker=2", "judge.engine=dedicated")
     with pytest.raises(ConfigError, match=r"cannot place learner next to rollout and judge: .* leave 10.0.0.1 \{CPU: 0, GPU: 0\}.*"
                        r"lower learner.num_cpus_per_rank = 0.5 or what rollout and judge take"):
         check_fits(config, _nodes({"CPU": 4}))
