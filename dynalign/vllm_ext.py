@@ -28,6 +28,7 @@ class WeightSyncExtension:
         staged = getattr(self, "_dynalign_staged", None) or []
         self._dynalign_staged = []
         self.reload_weights(weights_iterator=iter(staged))
+        _repack_cpu_embedding_gemms(self.model_runner.get_model())
         return len(staged)
 
     def dynalign_weight_checksum(self) -> float:
@@ -35,3 +36,23 @@ class WeightSyncExtension:
         model = self.model_runner.get_model()
         with torch.no_grad():
             return float(sum(p.double().sum() for p in model.parameters()))
+
+
+def _repack_cpu_embedding_gemms(model) -> None:
+    """On CPU, redo the packed GEMM of every layer that keeps its weight (embeddings, LM heads).
+
+    The CPU backend packs an LM head's weight into a kernel-specific copy after loading. With tied
+    embeddings (Qwen2.5-0.5B, Llama-3.2-1B, ...) the head shares ``embed_tokens.weight``, so
+    ``reload_weights`` updates the shared tensor but never re-processes the head: without this the
+    engine samples from the new body through the old head (benchmarks/bench_sync.py catches it).
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        method = getattr(module, "quant_method", None)
+        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.numel() > 0 \
+                and hasattr(method, "process_weights_after_loading"):
+            method.process_weights_after_loading(module)
