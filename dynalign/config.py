@@ -140,7 +140,7 @@ class LearnerConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places learner ranks across nodes.")
     resources_per_rank: dict = opt({}, "Extra custom Ray resources per learner rank, e.g. {learner_node: 1}.")
     max_nonfinite_steps: int = opt(3, "Stop after this many steps in a row skipped for a NaN or infinite loss.", min=1)
-    max_failures: int = opt(0, "Times Ray Train restarts a failed learner group (FailureConfig).", min=-1)
+    max_failures: int = opt(3, "Times Ray Train restarts the learner group after a rank dies (from the last checkpoint); -1: always.", min=-1)
 
 
 @dataclass

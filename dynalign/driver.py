@@ -34,7 +34,7 @@ from dynalign.judge import (
     judge_metrics,
     log_score_histogram,
 )
-from dynalign.learner import LearnerGroup
+from dynalign.learner import LearnerGroup, LearnerRestarted
 from dynalign.metrics import MetricsLogger, Timings
 from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
@@ -86,57 +86,105 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
             (run_dir / name).unlink(missing_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(config))
     prompts = load_prompts(config)
+    fresh_prompt_state = prompts.state()
     init_ray(config)
     system = System.start(config, run_dir)
     stop = GracefulStop()
-    history, source = [], PromptSource(config, prompts)
+    history: dict[int, dict] = {}
+    source = PromptSource(config, prompts)
     try:
-        first_iteration = restore(system, prompts, resume_from, run_dir) if resume_from else 0
+        iteration = restore(system, prompts, resume_from, run_dir) if resume_from else 0
         logger = MetricsLogger(run_dir, config.logging.tensorboard)
         source = PromptSource.start(config, prompts, system.rollout, run_dir)  # the prompts file, or generation
-        for iteration in tqdm(range(first_iteration, config.iterations), desc="iterations",
-                              disable=not config.logging.progress):
-            timings = Timings()
-            with timings("prompts"):
-                iteration_prompts, prompt_stats = source.for_iteration(iteration)                      # 1
-            groups, data_stats = sample_scored_groups(system, iteration_prompts, config, iteration, timings)  # 2-3
-            with timings("learn"):
-                samples, advantage_stats = to_samples(groups, config)
-                learn_stats = system.learner.train_step(samples)                                       # 4
-            with timings("sync"):
-                sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)          # 5
-            metrics = {**prefixed("prompts", prompt_stats), **data_stats, **prefixed("adv", advantage_stats),
-                       **prefixed("learner", learn_stats), **sync_stats, **timings.summary()}
-            logger.log(iteration, metrics)
-            log_score_histogram(logger.writer, groups, iteration)
-            log_iteration_data(run_dir, iteration, groups, config.logging.log_samples)
-            history.append(metrics)
-            if stop.requested or due(config.checkpoint.every, iteration, config.iterations):
-                checkpoint.save(run_dir, iteration, system.learner, {"prompts": prompts.state()},
-                                config.checkpoint.keep_last)
+        progress = tqdm(total=config.iterations, initial=iteration, desc="iterations", disable=not config.logging.progress)
+        while iteration < config.iterations:
+            try:
+                groups, metrics = run_iteration(system, source, config, iteration)  # steps 1-5
+                history[iteration] = metrics
+                logger.log(iteration, metrics)
+                log_score_histogram(logger.writer, groups, iteration)
+                log_iteration_data(run_dir, iteration, groups, config.logging.log_samples)
+                if stop.requested or due(config.checkpoint.every, iteration, config.iterations):
+                    save_checkpoint(system, run_dir, iteration, prompts, config)
+            except LearnerRestarted as restart:  # a rank died; Ray Train restarted the learner group
+                iteration = replay_from_learner_checkpoint(system, prompts, run_dir, history, fresh_prompt_state, restart)
+                progress.n = iteration
+                continue
+            iteration += 1
+            progress.update(1)
             if stop.requested:
-                print(f"dynalign: stopped by signal after iteration {iteration}; checkpoint written", flush=True)
+                print(f"dynalign: stopped by signal after iteration {iteration - 1}; checkpoint written", flush=True)
                 break
-        else:
-            if config.checkpoint.save_final_policy:
-                system.learner.save_policy(run_dir / "policy")
+        progress.close()
+        if iteration >= config.iterations and config.checkpoint.save_final_policy:
+            system.learner.save_policy(run_dir / "policy")
         logger.close()
     finally:
         stop.restore()
         source.close()
         system.shutdown()
-    summary = summarize(history, run_dir)
+    summary = summarize([history[i] for i in sorted(history)], run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
     write_report_safely(run_dir)  # RUN_DIR/report/index.html; a plotting failure only warns
     return summary
 
 
+def run_iteration(system: System, source: PromptSource, config: TrainConfig, iteration: int) -> tuple[list[Group], dict]:
+    """One Dynamic Alignment iteration; returns the groups trained on and the iteration's metrics."""
+    timings = Timings()
+    with timings("prompts"):
+        iteration_prompts, prompt_stats = source.for_iteration(iteration)                            # 1
+    groups, data_stats = sample_scored_groups(system, iteration_prompts, config, iteration, timings)  # 2-3
+    with timings("learn"):
+        samples, advantage_stats = to_samples(groups, config)
+        learn_stats = system.learner.train_step(samples)                                             # 4
+    with timings("sync"):
+        sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)                  # 5
+    return groups, {**prefixed("prompts", prompt_stats), **data_stats, **prefixed("adv", advantage_stats),
+                    **prefixed("learner", learn_stats), **sync_stats, **timings.summary()}
+
+
+def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, config: TrainConfig) -> None:
+    """Write the checkpoint of a completed iteration, then register it with Ray Train, so that a
+    learner group it restarts starts from there."""
+    path = checkpoint.save(run_dir, iteration, system.learner, {"prompts": prompts.state()}, config.checkpoint.keep_last)
+    system.learner.report_checkpoint(path, iteration)
+
+
 def restore(system: System, prompts: PromptStream, checkpoint_dir: Path, run_dir: Path) -> int:
-    """Continue from a checkpoint: learner state, engine weights, prompt order, logs. Returns the
-    first iteration still to run."""
+    """Continue from a checkpoint (``--resume``): learner state, engine weights, prompt order,
+    logs. Returns the first iteration still to run."""
     state = checkpoint.load_state(checkpoint_dir)
     system.learner.load_checkpoint(checkpoint_dir / "learner")
+    system.learner.report_checkpoint(checkpoint_dir, state["iteration"])
+    return rewind(system, prompts, state, run_dir)
+
+
+def replay_from_learner_checkpoint(system: System, prompts: PromptStream, run_dir: Path, history: dict,
+                                   fresh_prompt_state: dict, restart: Exception) -> int:
+    """Ray Train restarted the learner group from the checkpoint last registered with it (or from
+    the initial weights if none was). Put the driver's side back to the same point, so the lost
+    iterations are replayed exactly; returns the first iteration to run again."""
+    while True:
+        try:
+            restored = system.learner.acknowledge_restart()
+            state = (checkpoint.load_state(Path(restored["path"])) if restored
+                     else {"iteration": -1, "prompts": fresh_prompt_state})
+            next_iteration = rewind(system, prompts, state, run_dir)
+            break
+        except LearnerRestarted as again:  # it died again while coming back; Ray Train bounds the retries
+            restart = again
+    for replayed in [i for i in history if i >= next_iteration]:
+        del history[replayed]
+    print(f"dynalign: warning: {restart}; it restarted from "
+          f"{restored['path'] if restored else 'the initial weights (no checkpoint yet)'}; "
+          f"replaying from iteration {next_iteration}", file=sys.stderr, flush=True)
+    return next_iteration
+
+
+def rewind(system: System, prompts: PromptStream, state: dict, run_dir: Path) -> int:
+    """Engines, prompt stream and logs back to the end of ``state["iteration"]``, as the learner is."""
     system.weight_sync.sync(system.learner, version=state["iteration"] + 1)
     prompts.restore(state["prompts"])
     for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):

@@ -9,8 +9,10 @@ their results back, so the driver's loop stays in charge of the iteration.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import tempfile
 import time
 import traceback
 from collections import defaultdict
@@ -29,36 +31,83 @@ class LearnerError(RuntimeError):
     """A learner rank failed; the message names the rank and the command."""
 
 
-@ray.remote(num_cpus=0)
-class CommandChannel:
-    """Fan commands out to every rank, gather one result per rank."""
+class LearnerRestarted(LearnerError):
+    """Ray Train restarted the learner group (a rank died); it went back to the last checkpoint
+    registered with ``report_checkpoint``, or to the initial weights if there was none."""
+
+
+_RESTARTED = "learner group restarted"  # the channel's answer to commands the old group never finished
+POINTER_FILE = "dynalign_checkpoint.json"  # what a learner checkpoint registered with Ray Train holds
+
+
+class Channel:
+    """Fan commands out to every rank, gather one result per rank.
+
+    Ray Train restarts the whole group when a rank dies (``learner.max_failures``). The new group
+    joins under a new token: the channel drops what the old group left behind (queued commands,
+    partial results) and answers every command, waiting or new, with ``_RESTARTED`` until the
+    driver acknowledges the restart. So the driver never keeps driving a group that silently went
+    back to its last checkpoint."""
 
     def __init__(self, world_size: int):
         self.world_size = world_size
-        self.pending: list[asyncio.Queue] = [asyncio.Queue() for _ in range(world_size)]
-        self.results: dict[int, dict[int, Any]] = defaultdict(dict)
-        self.done: dict[int, asyncio.Event] = defaultdict(asyncio.Event)
+        self.group_token, self.restarts, self.acknowledged = None, 0, 0
+        self.results: dict[int, Any] = {}
+        self.done: dict[int, asyncio.Event] = {}
+        self.pending = self._queues()
         self.next_seq = 0
+
+    def _queues(self) -> list[asyncio.Queue]:
+        return [asyncio.Queue() for _ in range(self.world_size)]
+
+    async def join(self, rank: int, token: str) -> None:
+        if token == self.group_token:
+            return
+        if self.group_token is not None:  # a new group: Ray Train restarted the learner
+            self.restarts += 1
+            self.pending = self._queues()  # the old group's waiters keep the old queues
+            for seq, event in self.done.items():
+                self.results[seq] = _RESTARTED
+                event.set()
+        self.group_token = token
+
+    async def acknowledge_restart(self) -> None:
+        self.acknowledged = self.restarts
 
     async def submit(self, name: str, args: tuple) -> int:
         self.next_seq += 1
-        for queue in self.pending:
-            queue.put_nowait((self.next_seq, name, args))
-        return self.next_seq
+        seq = self.next_seq
+        self.results[seq], self.done[seq] = {}, asyncio.Event()
+        if self.restarts != self.acknowledged:
+            self.results[seq] = _RESTARTED
+            self.done[seq].set()
+        else:
+            for queue in self.pending:
+                queue.put_nowait((seq, name, args))
+        return seq
 
-    async def next_command(self, rank: int) -> tuple[int, str, tuple]:
+    async def next_command(self, rank: int, token: str) -> tuple[int, str, tuple]:
+        if token != self.group_token:  # a rank of a group Ray Train has replaced
+            return (0, "stop", ())
         return await self.pending[rank].get()
 
-    async def put_result(self, seq: int, rank: int, result: Any) -> None:
+    async def put_result(self, seq: int, rank: int, token: str, result: Any) -> None:
+        if token != self.group_token or seq not in self.done or self.done[seq].is_set():
+            return  # an old group's answer, or one for a command already answered as restarted
         self.results[seq][rank] = result
         if len(self.results[seq]) == self.world_size:
             self.done[seq].set()
 
-    async def get_results(self, seq: int) -> list[Any]:
+    async def get_results(self, seq: int) -> list[Any] | str:
         await self.done[seq].wait()
         by_rank = self.results.pop(seq)
         self.done.pop(seq)
+        if by_rank == _RESTARTED:
+            return _RESTARTED
         return [by_rank[rank] for rank in range(self.world_size)]
+
+
+CommandChannel = ray.remote(num_cpus=0)(Channel)  # the actor the driver and the ranks share
 
 
 _SUMMED_METRICS = ("loss", "tokens")
@@ -100,6 +149,7 @@ class PolicyTrainer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.config, self.rank, self.world_size = config, rank, world_size
+        self.restored_from: dict | None = None  # the checkpoint Ray Train restarted this group from
         learner = config.learner
         torch.manual_seed(config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
@@ -285,9 +335,34 @@ class PolicyTrainer:
         if path is None:
             raise FileNotFoundError(f"no learner checkpoint under {directory}")
 
+    def report_checkpoint(self, path: str, iteration: int) -> None:
+        """Register a complete dynalign checkpoint with Ray Train, so that a group Ray Train restarts
+        after a rank dies starts from it. Ray Train stores a pointer to it (a small JSON file, the
+        pattern its docs give for checkpoints kept elsewhere), not a second copy of the state."""
+        with tempfile.TemporaryDirectory() as pointer_dir:
+            pointer = None
+            if self.rank == 0:
+                (Path(pointer_dir) / POINTER_FILE).write_text(json.dumps({"path": path, "iteration": iteration}))
+                pointer = ray.train.Checkpoint.from_directory(pointer_dir)
+            ray.train.report({"iteration": iteration}, checkpoint=pointer)  # a barrier over all ranks
+        # Ray Train's controller registers reports on its next poll (every ~2 s): wait for it, so
+        # that a rank dying right after this command still restarts from this checkpoint.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+
+    def restore_registered_checkpoint(self) -> None:
+        """In a group Ray Train restarted: load the checkpoint last registered, if any."""
+        registered = ray.train.get_checkpoint()
+        if registered is None:
+            return
+        with registered.as_directory() as pointer_dir:
+            pointer = json.loads((Path(pointer_dir) / POINTER_FILE).read_text())
+        self.load_checkpoint(str(Path(pointer["path"]) / "learner"))
+        self.restored_from = pointer
+
     def ping(self) -> dict:
-        """Where this rank runs (the driver keeps it as ``LearnerGroup.infos``)."""
-        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+        """Where this rank runs and what it restarted from (the driver keeps it as ``LearnerGroup.infos``)."""
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                "restored_from": self.restored_from}
 
     # -- NCCL weight sync (dynalign.nccl_sync; the driver calls these on every rank) ----------------
     def nccl_address(self) -> dict | None:
@@ -303,36 +378,57 @@ class PolicyTrainer:
         return nccl_send(self, bucket_bytes, dtype_name)
 
 
+def _group_token() -> str:
+    """One random token per rank group, the same on every rank (rank 0 draws it)."""
+    import uuid
+
+    import torch.distributed as dist
+
+    token = [uuid.uuid4().hex]
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
 def _rank_main(loop_config: dict) -> None:
     """Ray Train's per-worker function: build the trainer, then serve the driver's commands."""
+    import torch.distributed as dist
+
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     channel = loop_config["channel"]
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    token = _group_token()
+    ray.get(channel.join.remote(rank, token))
     trainer = None
     init_error = None
     try:
         trainer = PolicyTrainer(loop_config["config"], rank, world_size)
+        trainer.restore_registered_checkpoint()  # only a group Ray Train restarted has one
     except Exception:  # reported on the first command, so the driver sees it
         init_error = traceback.format_exc()
     while True:
-        seq, name, args = ray.get(channel.next_command.remote(rank))
+        seq, name, args = ray.get(channel.next_command.remote(rank, token))
         if name == "stop":
-            ray.get(channel.put_result.remote(seq, rank, None))
+            ray.get(channel.put_result.remote(seq, rank, token, None))
             return
         try:
             if init_error:
                 raise RuntimeError(f"learner start failed:\n{init_error}")
             args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
             result = getattr(trainer, name)(*args)
+        except dist.DistError:
+            raise  # a peer rank died mid-collective: let Ray Train restart the whole group
         except Exception:
             result = _RankFailure(rank, name, traceback.format_exc())
-        ray.get(channel.put_result.remote(seq, rank, result))
+        ray.get(channel.put_result.remote(seq, rank, token, result))
 
 
 @ray.remote(num_cpus=0)
 def _fit(config: TrainConfig, channel, storage_path: str) -> None:
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    import uuid
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     learner = config.learner
@@ -350,9 +446,12 @@ def _fit(config: TrainConfig, channel, storage_path: str) -> None:
             placement_strategy=learner.placement_strategy,
         ),
         run_config=RunConfig(
-            name="learner",
+            # A new name per start: Ray Train resumes a run whose name it finds in storage, and a
+            # fresh or resumed dynalign run must not pick up an earlier run's registered checkpoint.
+            name=f"learner-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}",
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=learner.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     trainer.fit()
@@ -379,6 +478,8 @@ class LearnerGroup:
             ray.get(self.fit_ref)  # raises Ray Train's error
             raise LearnerError(f"learner exited during '{name}'")
         results = ray.get(results_ref)
+        if results == _RESTARTED:
+            raise LearnerRestarted(f"Ray Train restarted the learner group (a rank died) during '{name}'")
         for result in results:
             if isinstance(result, _RankFailure):
                 raise LearnerError(f"learner rank {result.rank} failed in '{result.command}':\n{result.trace}")
@@ -414,8 +515,21 @@ class LearnerGroup:
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         self.call("load_checkpoint", str(directory))
 
+    def report_checkpoint(self, checkpoint_dir: str | os.PathLike, iteration: int) -> None:
+        """Tell Ray Train which checkpoint a restarted group must start from."""
+        self.call("report_checkpoint", str(checkpoint_dir), iteration)
+
+    def acknowledge_restart(self) -> dict | None:
+        """After ``LearnerRestarted``: drive the new group from now on. Returns the checkpoint it
+        restarted from ({"path", "iteration"}), or None if none was registered (initial weights)."""
+        ray.get(self.channel.acknowledge_restart.remote())
+        self.infos = self.call("ping")
+        self.nonfinite_streak = 0
+        return self.infos[0]["restored_from"]
+
     def shutdown(self) -> None:
         try:
+            ray.get(self.channel.acknowledge_restart.remote())  # a group restarting now gets the stop too
             self.call("stop", timeout_s=60)
             ray.get(self.fit_ref, timeout=60)
         except Exception:

@@ -134,3 +134,27 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert model.config.vocab_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 2
+
+
+def test_all_groups_tied_warns_and_the_update_is_a_no_op(ray_local, tiny_model_path, tmp_path, capfd):
+    """Every group's rewards tie (one-token answers under the length rule all score 1): the driver
+    drops and refills them for max_refill_rounds, then warns in one line, logs tied_group_share = 1
+    and trains on zero advantages (no gradient), and the run goes on to the next iteration."""
+    from dynalign.driver import train
+    from dynalign.metrics import read_metrics
+
+    config = tiny_config(tiny_model_path, tmp_path / "run", "judge.kind=rule", "judge.rule=length",
+                         "rollout.max_new_tokens=1", "iterations=2", "learner.max_refill_rounds=1",
+                         "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.tensorboard=false")
+    train(config)
+    err = capfd.readouterr().err
+    for iteration in (0, 1):
+        assert (f"dynalign: warning: iteration {iteration}: all 8 groups have zero reward variance after 2 round(s); "
+                "no learning signal") in err
+    metrics = read_metrics(config.run_dir)
+    assert [m["iteration"] for m in metrics] == [0, 1]
+    for m in metrics:
+        assert m["tied_group_share"] == 1.0 and m["generation_rounds"] == 2.0
+        assert m["reward_min"] == m["reward_max"] == 1.0
+        assert m["learner.grad_norm"] == 0.0  # zero advantages: nothing to learn
+        assert m["learner.skipped_nonfinite"] == 0.0
