@@ -47,7 +47,7 @@ smoke: install
 	$(BIN)/dynalign train --config configs/smoke.yaml
 
 test: install
-	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS)
+	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m benchmarks.run

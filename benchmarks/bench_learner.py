@@ -193,15 +193,16 @@ def run(quick: bool = False) -> dict:
     order = list(legs)
     tps = {name: [] for name in order}
     losses = {name: [] for name in order}
-    ds_metrics, step_seconds = [], {"ds1": [], "ds2": []}
+    ds_metrics, step_seconds = [], {"ds1": [], "ds2": [], "grpo_plain": []}
     # warm-up (DeepSpeed JIT-builds its shm comm op on first use; first steps allocate optimizer state)
     for r in range(repeats + 1):
         for name in order[r % 4:] + order[:r % 4]:
             seconds, out = timed(legs[name])
             losses[name].append(out if name == "plain" else out["loss"])
+            if name != "plain":
+                step_seconds[name].append(out["step_seconds"])
             if name.startswith("ds"):
                 ds_metrics.append(out)
-                step_seconds[name].append(out["step_seconds"])
                 assert out["tokens"] == tokens or out["skipped_nonfinite"], "learner counted other tokens"
             if r > 0:
                 tps[name].append(tokens / seconds)
@@ -212,7 +213,9 @@ def run(quick: bool = False) -> dict:
         puts.append(timed(lambda: ray.put(samples))[0])
     details["command_round_trip_s"] = sorted(round_trips)[len(round_trips) // 2]
     details["ray_put_batch_s"] = sorted(puts)[len(puts) // 2]
-    details["rank_update_loop_s"] = step_seconds  # PolicyTrainer's own timing of its update loop
+    # PolicyTrainer's own timing of its update loop (forward + backward + step per micro-batch,
+    # after the behaviour log-prob pass): DeepSpeed's share, without Ray and that pass.
+    details["update_loop_s"] = step_seconds
     details["step_wall_s"] = {name: [tokens / v for v in values] for name, values in tps.items()}
     learner1.shutdown()
     learner2.shutdown()

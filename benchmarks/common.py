@@ -273,9 +273,9 @@ def write_results(doc: dict, directory: Path = RESULTS_DIR, merge: bool = False)
     if merge and path.is_file():
         try:
             old = json.loads(path.read_text())
-            fresh = {b["name"] for b in doc["benchmarks"]}
-            kept = [b for b in old.get("benchmarks", []) if b["name"] not in fresh]
-            doc = {**doc, "benchmarks": kept + doc["benchmarks"]}
+            fresh = {b["name"]: b for b in doc["benchmarks"]}
+            merged = [fresh.pop(b["name"], b) for b in old.get("benchmarks", [])]  # re-run ones in place
+            doc = {**doc, "benchmarks": merged + list(fresh.values())}
         except (ValueError, KeyError):
             pass
     validate(doc)

@@ -148,7 +148,9 @@ def run_iteration(system: System, source: PromptSource, config: TrainConfig, ite
 def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, config: TrainConfig) -> None:
     """Write the checkpoint of a completed iteration, then register it with Ray Train, so that a
     learner group it restarts starts from there."""
-    path = checkpoint.save(run_dir, iteration, system.learner, {"prompts": prompts.state()}, config.checkpoint.keep_last)
+    # The judge's call counter seeds its sampling (judge.mode=generate): part of the exact-resume state.
+    state = {"prompts": prompts.state(), "judge_calls": system.judge.calls}
+    path = checkpoint.save(run_dir, iteration, system.learner, state, config.checkpoint.keep_last)
     system.learner.report_checkpoint(path, iteration)
 
 
@@ -170,7 +172,7 @@ def replay_from_learner_checkpoint(system: System, prompts: PromptStream, run_di
         try:
             restored = system.learner.acknowledge_restart()
             state = (checkpoint.load_state(Path(restored["path"])) if restored
-                     else {"iteration": -1, "prompts": fresh_prompt_state})
+                     else {"iteration": -1, "prompts": fresh_prompt_state, "judge_calls": 0})
             next_iteration = rewind(system, prompts, state, run_dir)
             break
         except LearnerRestarted as again:  # it died again while coming back; Ray Train bounds the retries
@@ -187,6 +189,7 @@ def rewind(system: System, prompts: PromptStream, state: dict, run_dir: Path) ->
     """Engines, prompt stream and logs back to the end of ``state["iteration"]``, as the learner is."""
     system.weight_sync.sync(system.learner, version=state["iteration"] + 1)
     prompts.restore(state["prompts"])
+    system.judge.calls = state.get("judge_calls", 0)
     for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):
         truncate_jsonl(run_dir / name, last_iteration=state["iteration"])
     return state["iteration"] + 1

@@ -175,3 +175,11 @@ def test_every_suite_benchmark_imports_cheaply_and_reports_a_crash(tmp_path):
 
     result = common.bench_main("x", "X", crashes, ["--quick", "--out", str(out)])
     assert result["ok"] is False and "RuntimeError: engine died" in json.loads(out.read_text())["error"]
+
+
+def test_suite_budget_spent_reports_not_run(tmp_path):
+    from benchmarks import run as suite
+
+    result = suite.run_one("learner", quick=True, log_dir=tmp_path, budget_s=5)
+    assert result["ok"] is False and "time budget" in result["error"]
+    assert not list(tmp_path.iterdir())  # nothing was started
