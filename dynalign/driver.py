@@ -93,9 +93,9 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     history: dict[int, dict] = {}
     source = PromptSource(config, prompts)
     try:
-        iteration = restore(system, prompts, resume_from, run_dir) if resume_from else 0
-        logger = MetricsLogger(run_dir, config.logging.tensorboard)
         source = PromptSource.start(config, prompts, system.rollout, run_dir)  # the prompts file, or generation
+        iteration = restore(system, source, resume_from, run_dir, history) if resume_from else 0
+        logger = MetricsLogger(run_dir, config.logging.tensorboard)
         progress = tqdm(total=config.iterations, initial=iteration, desc="iterations", disable=not config.logging.progress)
         while iteration < config.iterations:
             try:
@@ -105,9 +105,9 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
                 log_score_histogram(logger.writer, groups, iteration)
                 log_iteration_data(run_dir, iteration, groups, config.logging.log_samples)
                 if stop.requested or due(config.checkpoint.every, iteration, config.iterations):
-                    save_checkpoint(system, run_dir, iteration, prompts, config)
+                    save_checkpoint(system, run_dir, iteration, prompts, history, config)
             except LearnerRestarted as restart:  # a rank died; Ray Train restarted the learner group
-                iteration = replay_from_learner_checkpoint(system, prompts, run_dir, history, fresh_prompt_state, restart)
+                iteration = replay_from_learner_checkpoint(system, source, run_dir, history, fresh_prompt_state, restart)
                 progress.n = iteration
                 continue
             iteration += 1
@@ -145,25 +145,30 @@ def run_iteration(system: System, source: PromptSource, config: TrainConfig, ite
                     **prefixed("learner", learn_stats), **sync_stats, **timings.summary()}
 
 
-def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, config: TrainConfig) -> None:
+def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, history: dict,
+                    config: TrainConfig) -> None:
     """Write the checkpoint of a completed iteration, then register it with Ray Train, so that a
     learner group it restarts starts from there."""
-    # The judge's call counter seeds its sampling (judge.mode=generate): part of the exact-resume state.
-    state = {"prompts": prompts.state(), "judge_calls": system.judge.calls}
+    # Every other random choice is seeded from (seed, iteration); the judge's call counter seeds its
+    # sampling (judge.mode=generate), so it is part of the exact-resume state. The metrics so far
+    # let a resumed run's summary cover the whole run.
+    state = {"prompts": prompts.state(), "judge_calls": system.judge.calls,
+             "metrics": {str(i): history[i] for i in sorted(history) if i <= iteration}}
     path = checkpoint.save(run_dir, iteration, system.learner, state, config.checkpoint.keep_last)
     system.learner.report_checkpoint(path, iteration)
 
 
-def restore(system: System, prompts: PromptStream, checkpoint_dir: Path, run_dir: Path) -> int:
+def restore(system: System, source: PromptSource, checkpoint_dir: Path, run_dir: Path, history: dict) -> int:
     """Continue from a checkpoint (``--resume``): learner state, engine weights, prompt order,
-    logs. Returns the first iteration still to run."""
+    logs, metrics so far. Returns the first iteration still to run."""
     state = checkpoint.load_state(checkpoint_dir)
+    history.update({int(i): metrics for i, metrics in state.get("metrics", {}).items()})
     system.learner.load_checkpoint(checkpoint_dir / "learner")
     system.learner.report_checkpoint(checkpoint_dir, state["iteration"])
-    return rewind(system, prompts, state, run_dir)
+    return rewind(system, source, state, run_dir)
 
 
-def replay_from_learner_checkpoint(system: System, prompts: PromptStream, run_dir: Path, history: dict,
+def replay_from_learner_checkpoint(system: System, source: PromptSource, run_dir: Path, history: dict,
                                    fresh_prompt_state: dict, restart: Exception) -> int:
     """Ray Train restarted the learner group from the checkpoint last registered with it (or from
     the initial weights if none was). Put the driver's side back to the same point, so the lost
@@ -173,7 +178,7 @@ def replay_from_learner_checkpoint(system: System, prompts: PromptStream, run_di
             restored = system.learner.acknowledge_restart()
             state = (checkpoint.load_state(Path(restored["path"])) if restored
                      else {"iteration": -1, "prompts": fresh_prompt_state, "judge_calls": 0})
-            next_iteration = rewind(system, prompts, state, run_dir)
+            next_iteration = rewind(system, source, state, run_dir)
             break
         except LearnerRestarted as again:  # it died again while coming back; Ray Train bounds the retries
             restart = again
@@ -185,10 +190,11 @@ def replay_from_learner_checkpoint(system: System, prompts: PromptStream, run_di
     return next_iteration
 
 
-def rewind(system: System, prompts: PromptStream, state: dict, run_dir: Path) -> int:
-    """Engines, prompt stream and logs back to the end of ``state["iteration"]``, as the learner is."""
+def rewind(system: System, source: PromptSource, state: dict, run_dir: Path) -> int:
+    """Engines, prompts (stream position, generated pool) and logs back to the end of
+    ``state["iteration"]``, where the learner is."""
     system.weight_sync.sync(system.learner, version=state["iteration"] + 1)
-    prompts.restore(state["prompts"])
+    source.rewind(state["iteration"], state["prompts"])
     system.judge.calls = state.get("judge_calls", 0)
     for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):
         truncate_jsonl(run_dir / name, last_iteration=state["iteration"])

@@ -618,15 +618,32 @@ class PromptGenerator:
         self.config, self.gen, self.generators = config, config.generation, list(generators)
         self.spec, self.seeds = load_spec(config.judge.value_spec)
         self.store = PromptStore(Path(run_dir) / "prompts")
+        self.count_tokens = count_tokens
+        self.seed_pairs = [(f"seed-spec-{i:03d}", text) for i, text in enumerate(self.seeds.examples)]
+        self.seed_pairs += [(f"seed-{prompt_id}", text) for prompt_id, text in seed_prompts]
+        self.seed_texts = [text for _, text in self.seed_pairs]
+        self.filter = None
+        self._load_pool()
+
+    def _load_pool(self) -> None:
+        """The filter's pool: the seeds and every prompt the store holds."""
+        if self.filter is not None:
+            self.filter.close()
         self.filter = PromptFilter(self.gen.min_words, self.gen.max_words, self.gen.novelty_threshold,
-                                   self.gen.num_workers, count_tokens, config.data.max_prompt_tokens)
-        seeds = [(f"seed-spec-{i:03d}", text) for i, text in enumerate(self.seeds.examples)]
-        seeds += [(f"seed-{prompt_id}", text) for prompt_id, text in seed_prompts]
+                                   self.gen.num_workers, self.count_tokens, self.config.data.max_prompt_tokens)
         pool = self.store.load()
-        self.filter.add_existing(seeds)
+        self.filter.add_existing(self.seed_pairs)
         self.filter.add_existing([(row["id"], row["prompt"]) for row in pool])
-        self.seed_texts = [text for _, text in seeds]
         self.kept_texts = [row["prompt"] for row in pool]
+
+    def rewind(self, last_iteration: int) -> None:
+        """Forget the prompts kept after ``last_iteration``: a resumed or replayed run generates
+        those iterations again and must find the pool as it stood then."""
+        for iteration in self.store.iterations():
+            if iteration > last_iteration:
+                self.store.path(iteration).unlink(missing_ok=True)
+                self.store.stats_path(iteration).unlink(missing_ok=True)
+        self._load_pool()
 
     def plan(self, iteration: int) -> list[Request]:
         """Requests spread over generators in turn and over pillars evenly; domain, kind and
@@ -757,6 +774,13 @@ class PromptSource:
         if self.config.data.shuffle:
             random.Random(self.config.seed * 1_000_003 + iteration).shuffle(prompts)
         return FreshFirst(prompts, self.fallback), stats
+
+    def rewind(self, last_iteration: int, stream_state: dict) -> None:
+        """Back to the end of ``last_iteration``: the prompts file's stream position, and the
+        generated pool without what was kept after it."""
+        self.fallback.restore(stream_state)
+        if self.generator is not None:
+            self.generator.rewind(last_iteration)
 
     def close(self) -> None:
         if self.generator is not None:

@@ -373,6 +373,26 @@ def test_pipeline_generates_filters_stores_and_reruns_without_duplicates(tmp_pat
     assert again.store.load_stats(0)["kept"] == 4 and again.store.load_stats(0)["requests"] == 8
 
 
+def test_rewind_forgets_later_iterations_so_a_replay_regenerates_them_exactly(tmp_path):
+    """Resume and replay rewind the pool to the checkpoint: iteration 1 generated again with the
+    same answers keeps the same prompts under the same ids (without the rewind its own earlier
+    prompts would make them duplicates)."""
+    config = gen_config()
+    answers_1 = ["1. How should a village decide where the well goes?", "1. Is a library still needed when phones exist?"]
+    pipeline = PromptGenerator(config, [ScriptedGenerator("a", [ANSWERS_0[0], ANSWERS_0[2]] + answers_1[:1]),
+                                        ScriptedGenerator("b", [ANSWERS_0[1], ANSWERS_0[3]] + answers_1[1:])], tmp_path)
+    rows0, _ = pipeline.generate(0)
+    rows1, _ = pipeline.generate(1)
+    assert len(rows1) == 2
+    pipeline.rewind(0)
+    assert pipeline.store.iterations() == [0] and not pipeline.store.stats_path(1).exists()
+    assert pipeline.store.load(0) == rows0
+    for generator, answer in zip(pipeline.generators, answers_1):
+        generator.answers = [answer]
+    replayed, _ = pipeline.generate(1)
+    assert replayed == rows1
+
+
 def test_requests_drop_examples_to_fit_the_context(tmp_path):
     config = gen_config("generation.examples_per_request=6", "generation.max_new_tokens=50")
     pipeline = PromptGenerator(config, [ScriptedGenerator("a", ["1. ok prompt number one"] * 8)], tmp_path)

@@ -64,6 +64,9 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
         assert (ours[name] == theirs[name]).all(), f"{name} differs from the uninterrupted run"
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["iteration"] for m in metrics] == [0, 1, 2]
+    summary, reference_summary = (json.loads((d / "summary.json").read_text()) for d in (run_dir, reference))
+    assert summary["iterations"] == 3  # the whole run, not only what ran after a resume
+    assert summary["reward_mean_per_iteration"] == reference_summary["reward_mean_per_iteration"]
 
 
 @pytest.fixture(scope="module")
