@@ -172,6 +172,7 @@ class LoggingConfig:
     tensorboard: bool = opt(True, "Also write metrics to TensorBoard under run_dir/tensorboard.")
     progress: bool = opt(True, "Show a tqdm progress bar over iterations.")
     log_samples: int = opt(2, "Candidate answers (with scores) written to samples.jsonl per iteration.", min=0)
+    report: bool = opt(True, "Write the run report (plots and tables, run_dir/report/index.html) when the run ends.")
 
 
 @dataclass

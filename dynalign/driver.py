@@ -126,7 +126,8 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
     summary = summarize([history[i] for i in sorted(history)], run_dir)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary)
-    write_report_safely(run_dir)  # RUN_DIR/report/index.html; a plotting failure only warns
+    if config.logging.report:
+        write_report_safely(run_dir)  # RUN_DIR/report/index.html; a plotting failure only warns
     return summary
 
 

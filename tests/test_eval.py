@@ -290,7 +290,7 @@ def test_trained_policy_vs_initial_model(ray_local, tiny_model_path, tmp_path):
 
     run_dir = tmp_path / "run"
     config = tiny_config(tiny_model_path, run_dir, "judge.kind=rule", "iterations=3", "learner.lr=1e-2",
-                         "rollout.group_size=8", "data.prompts_per_iteration=8")
+                         "rollout.group_size=8", "data.prompts_per_iteration=8", "logging.report=true")
     train(config)
     assert (run_dir / "report" / "index.html").is_file()  # train() writes the run report
 
