@@ -29,7 +29,6 @@ import random
 import time
 
 from benchmarks.common import (
-    bench_config,
     bench_main,
     bench_result,
     chat_prompt_ids,
@@ -37,7 +36,7 @@ from benchmarks.common import (
     figure,
     init_ray,
     series,
-    tiny_model_path,
+    tiny_batch_config,
 )
 
 NAME, TITLE = "learner", "GRPO step through DeepSpeed + Ray Train vs plain torch"
@@ -133,7 +132,6 @@ def plain_step(model, optimizer, batches, temperature: float, clip: float, total
 
 def run(quick: bool = False) -> dict:
     import copy
-    import tempfile
 
     import ray
     import torch
@@ -141,15 +139,10 @@ def run(quick: bool = False) -> dict:
 
     from dynalign.batch import pad_samples
     from dynalign.data import load_prompts
-    from dynalign.driver import absolute_paths
     from dynalign.learner import LearnerGroup
 
     prompts_n, group, new_tokens, repeats = (4, 4, 32, 2) if quick else (8, 8, 64, 5)
-    model_path = tiny_model_path()
-    run_dir = tempfile.mkdtemp(prefix="bench-learner-")
-    config = absolute_paths(bench_config(model_path, run_dir, "judge.kind=rule", f"rollout.group_size={group}",
-                                         f"rollout.max_new_tokens={new_tokens}",
-                                         f"data.prompts_per_iteration={prompts_n}"))
+    model_path, config = tiny_batch_config("learner", prompts_n, group, new_tokens)
     one_rank = copy.deepcopy(config)
     one_rank.learner.num_ranks, one_rank.learner.num_cpus_per_rank = 1, 1.0
     learner_cfg = config.learner
@@ -171,8 +164,8 @@ def run(quick: bool = False) -> dict:
                "baseline_threads": torch.get_num_threads()}
 
     init_ray(num_cpus=max(2, os.cpu_count() or 2))
-    learner1 = LearnerGroup(one_rank, storage_path=os.path.join(run_dir, "ray_train_1"))
-    learner2 = LearnerGroup(config, storage_path=os.path.join(run_dir, "ray_train_2"))
+    learner1 = LearnerGroup(one_rank, storage_path=os.path.join(config.run_dir, "ray_train_1"))
+    learner2 = LearnerGroup(config, storage_path=os.path.join(config.run_dir, "ray_train_2"))
     grpo_plain = plain_trainer(config, tokenizer, model_path)
     plain_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     plain_opt = torch.optim.AdamW(plain_model.parameters(), lr=learner_cfg.lr, betas=tuple(learner_cfg.adam_betas),

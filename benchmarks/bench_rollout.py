@@ -22,7 +22,6 @@ import time
 
 from benchmarks.common import (
     RssSampler,
-    bench_config,
     bench_main,
     bench_result,
     chat_prompt_ids,
@@ -31,7 +30,7 @@ from benchmarks.common import (
     in_process_vllm_pids,
     init_ray,
     series,
-    tiny_model_path,
+    tiny_batch_config,
     vllm_worker_affinity,
 )
 
@@ -40,7 +39,6 @@ TARGET = (">=", 0.9)
 
 
 def run(quick: bool = False) -> dict:
-    import tempfile
 
     import ray
     import torch
@@ -48,16 +46,11 @@ def run(quick: bool = False) -> dict:
     from vllm import LLM, SamplingParams
 
     from dynalign.data import load_prompts
-    from dynalign.driver import absolute_paths
     from dynalign.engine import WORKER_EXTENSION
     from dynalign.rollout import RolloutPool
 
     prompts_n, group, new_tokens, repeats = (4, 4, 32, 2) if quick else (8, 8, 64, 7)
-    model = tiny_model_path()
-    run_dir = tempfile.mkdtemp(prefix="bench-rollout-")
-    config = absolute_paths(bench_config(model, run_dir, "judge.kind=rule", f"rollout.group_size={group}",
-                                         f"rollout.max_new_tokens={new_tokens}",
-                                         f"data.prompts_per_iteration={prompts_n}"))
+    model, config = tiny_batch_config("rollout", prompts_n, group, new_tokens)
     prompts = load_prompts(config).take(prompts_n)
     checks, details = [], {"prompts": prompts_n, "group_size": group, "max_new_tokens": new_tokens,
                            "repeats": repeats, "model": "tiny Llama (hidden 128, 2 layers, vocab 320), bf16",

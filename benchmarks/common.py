@@ -512,10 +512,26 @@ def bench_config(model_path: str, run_dir: Path | str, *overrides: str):
                         "logging.progress=false", "logging.tensorboard=false", *overrides])
 
 
+def tiny_batch_config(name: str, prompts: int, group_size: int, new_tokens: int):
+    """The tiny model with a rule judge and this batch shape, in a fresh run directory: what the
+    rollout and learner benchmarks time. Returns (model path, config with absolute paths)."""
+    import tempfile
+
+    from dynalign.driver import absolute_paths
+
+    model_path = tiny_model_path()
+    run_dir = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    return model_path, absolute_paths(bench_config(model_path, run_dir, "judge.kind=rule",
+                                                   f"rollout.group_size={group_size}",
+                                                   f"rollout.max_new_tokens={new_tokens}",
+                                                   f"data.prompts_per_iteration={prompts}"))
+
+
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """Exactly what ``EngineWorker.chat_token_ids`` sends for a user prompt."""
-    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                              tokenize=True, return_dict=False))
+    """Exactly what the engines are given for a user prompt."""
+    from dynalign.batch import chat_token_ids
+
+    return chat_token_ids(tokenizer, [{"role": "user", "content": text}])
 
 
 def bench_main(name: str, title: str, run: Callable[..., dict], argv: list[str] | None = None) -> dict:

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def chat_token_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids an engine is given for a conversation: the chat template with the generation
+    prompt. Every length check and every baseline that must match the engines uses this."""
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 @dataclass
 class Candidate:
     """One sampled answer, as the rollout engine produced it."""

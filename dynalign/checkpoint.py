@@ -2,7 +2,7 @@
 
 Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
 scheduler), ``policy/`` (Hugging Face format), ``state.json`` (iteration, prompt stream position,
-judge call counter, metrics so far; every other random choice is seeded from the seed and the iteration)
+judge call counter; every other random choice is seeded from the seed and the iteration)
 and ``manifest.json`` (written last: a directory without it is not a checkpoint). The directory
 is written under a temporary name and renamed into place, so a crash or a full disk never leaves
 a half-written checkpoint, and the previous one stays intact.

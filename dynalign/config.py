@@ -9,6 +9,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -298,6 +299,18 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 # ---------------------------------------------------------------------------------------------
+
+def api_key_from_env(field: str, env_name: str | None) -> str | None:
+    """The API key held by environment variable ``env_name`` (the option ``field`` names it), or
+    None when no variable is configured; a configured but unset variable is a one-line error."""
+    if not env_name:
+        return None
+    key = os.environ.get(env_name)
+    if not key:
+        raise ConfigError(f"{field} = '{env_name}': that environment variable is not set; "
+                          f"export it, or set {field} to null for an endpoint without keys")
+    return key
+
 
 def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated at each step."""

@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dynalign.batch import chat_token_ids
 from dynalign.config import ConfigError, TrainConfig
 
 
@@ -93,8 +94,7 @@ def _drop_long(prompts: list[tuple[str, str]], config: TrainConfig) -> tuple[lis
     limit = config.data.max_prompt_tokens
     kept = []
     for prompt_id, text in prompts:
-        length = len(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False))
+        length = len(chat_token_ids(tokenizer, [{"role": "user", "content": text}]))
         if length <= limit:
             kept.append((prompt_id, text))
         elif config.data.on_long_prompt == "error":

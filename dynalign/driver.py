@@ -35,7 +35,7 @@ from dynalign.judge import (
     log_score_histogram,
 )
 from dynalign.learner import LearnerGroup, LearnerRestarted
-from dynalign.metrics import MetricsLogger, Timings
+from dynalign.metrics import MetricsLogger, Timings, read_metrics
 from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
@@ -105,7 +105,7 @@ def train(config: TrainConfig, resume: str | None = None) -> dict:
                 log_score_histogram(logger.writer, groups, iteration)
                 log_iteration_data(run_dir, iteration, groups, config.logging.log_samples)
                 if stop.requested or due(config.checkpoint.every, iteration, config.iterations):
-                    save_checkpoint(system, run_dir, iteration, prompts, history, config)
+                    save_checkpoint(system, run_dir, iteration, prompts, config)
             except LearnerRestarted as restart:  # a rank died; Ray Train restarted the learner group
                 iteration = replay_from_learner_checkpoint(system, source, run_dir, history, fresh_prompt_state, restart)
                 progress.n = iteration
@@ -146,27 +146,23 @@ def run_iteration(system: System, source: PromptSource, config: TrainConfig, ite
                     **prefixed("learner", learn_stats), **sync_stats, **timings.summary()}
 
 
-def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, history: dict,
-                    config: TrainConfig) -> None:
+def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, config: TrainConfig) -> None:
     """Write the checkpoint of a completed iteration, then register it with Ray Train, so that a
     learner group it restarts starts from there."""
     # Every other random choice is seeded from (seed, iteration); the judge's call counter seeds its
-    # sampling (judge.mode=generate), so it is part of the exact-resume state. The metrics so far
-    # let a resumed run's summary cover the whole run.
-    state = {"prompts": prompts.state(), "judge_calls": system.judge.calls,
-             "metrics": {str(i): history[i] for i in sorted(history) if i <= iteration}}
+    # sampling (judge.mode=generate), so it is part of the exact-resume state.
+    state = {"prompts": prompts.state(), "judge_calls": system.judge.calls}
     path = checkpoint.save(run_dir, iteration, system.learner, state, config.checkpoint.keep_last)
     system.learner.report_checkpoint(path, iteration)
 
 
 def restore(system: System, source: PromptSource, checkpoint_dir: Path, run_dir: Path, history: dict) -> int:
     """Continue from a checkpoint (``--resume``): learner state, engine weights, prompt order,
-    logs, metrics so far. Returns the first iteration still to run."""
+    logs and the metrics so far. Returns the first iteration still to run."""
     state = checkpoint.load_state(checkpoint_dir)
-    history.update({int(i): metrics for i, metrics in state.get("metrics", {}).items()})
     system.learner.load_checkpoint(checkpoint_dir / "learner")
     system.learner.report_checkpoint(checkpoint_dir, state["iteration"])
-    return rewind(system, source, state, run_dir)
+    return rewind(system, source, state, run_dir, history)
 
 
 def replay_from_learner_checkpoint(system: System, source: PromptSource, run_dir: Path, history: dict,
@@ -179,26 +175,28 @@ def replay_from_learner_checkpoint(system: System, source: PromptSource, run_dir
             restored = system.learner.acknowledge_restart()
             state = (checkpoint.load_state(Path(restored["path"])) if restored
                      else {"iteration": -1, "prompts": fresh_prompt_state, "judge_calls": 0})
-            next_iteration = rewind(system, source, state, run_dir)
+            next_iteration = rewind(system, source, state, run_dir, history)
             break
         except LearnerRestarted as again:  # it died again while coming back; Ray Train bounds the retries
             restart = again
-    for replayed in [i for i in history if i >= next_iteration]:
-        del history[replayed]
     print(f"dynalign: warning: {restart}; it restarted from "
           f"{restored['path'] if restored else 'the initial weights (no checkpoint yet)'}; "
           f"replaying from iteration {next_iteration}", file=sys.stderr, flush=True)
     return next_iteration
 
 
-def rewind(system: System, source: PromptSource, state: dict, run_dir: Path) -> int:
-    """Engines, prompts (stream position, generated pool) and logs back to the end of
-    ``state["iteration"]``, where the learner is."""
+def rewind(system: System, source: PromptSource, state: dict, run_dir: Path, history: dict) -> int:
+    """Engines, prompts (stream position, generated pool), logs and ``history`` back to the end of
+    ``state["iteration"]``, where the learner is. Returns the first iteration to run."""
     system.weight_sync.sync(system.learner, version=state["iteration"] + 1)
     source.rewind(state["iteration"], state["prompts"])
     system.judge.calls = state.get("judge_calls", 0)
     for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):
         truncate_jsonl(run_dir / name, last_iteration=state["iteration"])
+    # The metrics log, now cut at the checkpoint, is the run's history (the summary covers it all).
+    history.clear()
+    if (run_dir / "metrics.jsonl").is_file():
+        history.update((record["iteration"], record) for record in read_metrics(run_dir))
     return state["iteration"] + 1
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from dynalign.batch import chat_token_ids
 from dynalign.config import RolloutConfig, TrainConfig
 
 WORKER_EXTENSION = "dynalign.vllm_ext.WeightSyncExtension"
@@ -65,8 +66,7 @@ class EngineWorker:
                 "start_seconds": self.start_seconds, "weight_version": self.weight_version}
 
     def chat_token_ids(self, messages: list[dict]) -> list[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        return chat_token_ids(self.tokenizer, messages)
 
     def generate_from_token_ids(self, prompts: list[list[int]], sampling: dict) -> list:
         """Raw vLLM outputs for prompts given as token ids; ``sampling`` holds SamplingParams fields.
@@ -113,12 +113,27 @@ class EngineWorker:
         return self.llm.collective_rpc(method, args=args)
 
 
+def split_evenly(items: list, parts: int) -> list[list]:
+    """Contiguous shares whose sizes differ by at most one, in order."""
+    size, extra = divmod(len(items), parts)
+    shares, start = [], 0
+    for part in range(parts):
+        end = start + size + (1 if part < extra else 0)
+        shares.append(items[start:end])
+        start = end
+    return shares
+
+
+TIMED_OUT = "timed out"  # call_engines' result for a job still running at its deadline
+
+
 def call_engines(jobs: list[tuple[Any, str, str, tuple]], restore_weights=None, max_attempts: int = 3,
-                 restart_timeout_s: float = 600.0) -> list:
+                 restart_timeout_s: float = 600.0, timeout_s: float | None = None) -> list:
     """Run ``actor.method(*args)`` for each (actor, name, method, args) job and return the results
     in order. Engine actors are created with ``max_restarts``: if one dies mid-call, Ray restarts
     its process; we wait for it, put the current weights back (``restore_weights(actor, name)``)
-    and run its job again, so no job is lost and none is counted twice."""
+    and run its job again, so no job is lost and none is counted twice. With ``timeout_s``, a job
+    still unfinished that long after the call began is left running and its result is ``TIMED_OUT``."""
     import sys
 
     import ray
@@ -128,11 +143,17 @@ def call_engines(jobs: list[tuple[Any, str, str, tuple]], restore_weights=None, 
         actor, _, method, args = jobs[index]
         return getattr(actor, method).remote(*args)
 
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     results: list = [None] * len(jobs)
     attempts = [1] * len(jobs)
     pending = {submit(i): i for i in range(len(jobs))}
     while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
+        wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
+        if not ready:
+            for index in pending.values():
+                results[index] = TIMED_OUT
+            break
         index = pending.pop(ready[0])
         try:
             results[index] = ray.get(ready[0])

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from dynalign.config import ConfigError, EvalConfig, TrainConfig
+from dynalign.config import ConfigError, EvalConfig, TrainConfig, api_key_from_env
 from dynalign.engine import EngineWorker, engine_env
 
 VERDICT_PREFIX = "Winner:"
@@ -402,12 +402,7 @@ class EndpointJudge:
     def __init__(self, ev: EvalConfig):
         from dynalign.prompt_gen import OpenAIGenerator
 
-        api_key = None
-        if ev.judge_api_key_env:
-            api_key = os.environ.get(ev.judge_api_key_env)
-            if not api_key:
-                raise ConfigError(f"eval.judge_api_key_env = '{ev.judge_api_key_env}': that environment variable is "
-                                  "not set; export it or set it to null for an endpoint without keys")
+        api_key = api_key_from_env("eval.judge_api_key_env", ev.judge_api_key_env)
         self.client = OpenAIGenerator("eval-judge", ev.judge_base_url, ev.judge_api_model, api_key)
         self.ev = ev
 

@@ -28,7 +28,6 @@ import copy
 import html
 import logging
 import math
-import os
 import random
 import re
 import string
@@ -40,8 +39,8 @@ from pathlib import Path
 import ray
 
 from dynalign.batch import Group
-from dynalign.config import ConfigError, JudgeConfig, TrainConfig
-from dynalign.engine import EngineWorker, call_engines, engine_env
+from dynalign.config import ConfigError, JudgeConfig, TrainConfig, api_key_from_env
+from dynalign.engine import TIMED_OUT, EngineWorker, call_engines, engine_env, split_evenly
 
 log = logging.getLogger("dynalign.judge")
 
@@ -678,13 +677,8 @@ class OpenAIJudge:
     def __init__(self, judge: JudgeConfig, transport=None):
         import httpx
 
-        headers = {}
-        if judge.api_key_env:
-            key = os.environ.get(judge.api_key_env)
-            if not key:
-                raise ConfigError(f"judge.api_key_env = '{judge.api_key_env}': that environment variable is not set; "
-                                  "export it, or set judge.api_key_env to null for an endpoint without keys")
-            headers["Authorization"] = f"Bearer {key}"
+        key = api_key_from_env("judge.api_key_env", judge.api_key_env)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.judge = judge
         self.client = httpx.Client(base_url=judge.base_url.rstrip("/") + "/", headers=headers,
                                    timeout=judge.timeout_s, transport=transport)
@@ -827,34 +821,26 @@ class JudgePool:
         return metrics
 
     def _score_on_engines(self, items, seed: int) -> list[dict]:
+        """Each engine judges a contiguous share; an engine that dies is restarted, given the
+        current weights and asked again (``call_engines``); a share still unjudged after
+        ``judge.call_timeout_s`` is left invalid."""
         workers = self.rollout.workers if self.rollout is not None else self.workers
-        shares = _contiguous_shares(len(items), len(workers))
-        refs, jobs = {}, {}
-        for index, (worker, (start, end)) in enumerate(zip(workers, shares)):
-            if end > start:
-                ref = worker.judge_groups.remote(items[start:end], self.judge, self.spec, seed + index * 10**6)
-                refs[ref], jobs[ref] = (start, end), (worker, index)
-        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=self.judge.call_timeout_s)
-        infos: list = [None] * len(items)
-        for ref in ready:
-            start, end = refs[ref]
-            try:
-                infos[start:end] = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                # The engine died: Ray restarts it; call_engines restores its weights and retries.
-                worker, index = jobs[ref]
-                restore = self.restore_weights if self.rollout is None else self.rollout.restore_weights
-                infos[start:end] = call_engines(
-                    [(worker, f"judge engine {index}", "judge_groups",
-                      (items[start:end], self.judge, self.spec, seed + index * 10**6))], restore)[0]
-        for ref in late:  # the engine is still busy; its groups are invalid this time
-            start, end = refs[ref]
-            for g in range(start, end):
-                n = len(items[g][1]) * _slots_per_candidate(self.judge, self.spec)
-                infos[g] = {"values": {}, "judgements": n, "attempts": n, "parse_failures": 0, "errors": n,
-                            "retries": 0, "unparsed_example": "",
-                            "error": f"judge call timed out after judge.call_timeout_s = {self.judge.call_timeout_s:g} s"}
+        restore = self.restore_weights if self.rollout is None else self.rollout.restore_weights
+        shares = [(index, worker, share)
+                  for index, (worker, share) in enumerate(zip(workers, split_evenly(items, len(workers)))) if share]
+        results = call_engines([(worker, f"judge engine {index}", "judge_groups",
+                                 (share, self.judge, self.spec, seed + index * 10**6)) for index, worker, share in shares],
+                               restore, timeout_s=self.judge.call_timeout_s)
+        infos = []
+        for (_, _, share), result in zip(shares, results):
+            infos += [self._timed_out(candidates) for _, candidates in share] if result is TIMED_OUT else result
         return infos
+
+    def _timed_out(self, candidates: list[str]) -> dict:
+        n = len(candidates) * _slots_per_candidate(self.judge, self.spec)
+        return {"values": {}, "judgements": n, "attempts": n, "parse_failures": 0, "errors": n, "retries": 0,
+                "unparsed_example": "",
+                "error": f"judge call timed out after judge.call_timeout_s = {self.judge.call_timeout_s:g} s"}
 
     def _warn(self, groups: list[Group], metrics: dict[str, float]) -> None:
         invalid = int(metrics.get("invalid", 0))
@@ -876,15 +862,6 @@ class JudgePool:
         if self.http is not None:
             self.http.close()
 
-
-def _contiguous_shares(count: int, parts: int) -> list[tuple[int, int]]:
-    size, extra = divmod(count, parts)
-    shares, start = [], 0
-    for part in range(parts):
-        end = start + size + (1 if part < extra else 0)
-        shares.append((start, end))
-        start = end
-    return shares
 
 
 def _slots_per_candidate(judge: JudgeConfig, spec: ValueSpec) -> int:

@@ -39,8 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from dynalign.config import ConfigError, GeneratorSpec, TrainConfig
+from dynalign.batch import chat_token_ids
+from dynalign.config import ConfigError, GeneratorSpec, TrainConfig, api_key_from_env
 from dynalign.data import PromptStream
+from dynalign.engine import split_evenly
 from dynalign.judge import Pillar, ValueSpec
 from dynalign.novelty import NoveltyFilter
 
@@ -315,6 +317,13 @@ class PromptStore:
             return []
         return sorted(int(m.group(1)) for p in self.directory.iterdir() if (m := _ITERATION_FILE.match(p.name)))
 
+    def drop_after(self, last_iteration: int) -> None:
+        """Delete the files of every iteration after ``last_iteration``."""
+        for iteration in self.iterations():
+            if iteration > last_iteration:
+                self.path(iteration).unlink(missing_ok=True)
+                self.stats_path(iteration).unlink(missing_ok=True)
+
     def load(self, iteration: int | None = None) -> list[dict]:
         """Rows of one iteration, or of all iterations in order."""
         import pyarrow.parquet as pq
@@ -433,14 +442,12 @@ class EngineGenerator:
             from transformers import AutoTokenizer
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
-        return len(self._tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        return len(chat_token_ids(self._tokenizer, messages))
 
     def generate(self, conversations: list[list[dict]], max_tokens: int, temperature: float,
                  seed: int) -> list[str | None]:
         import ray
 
-        from dynalign.rollout import split_evenly
 
         texts: list[str | None] = [None] * len(conversations)
         futures = []
@@ -504,12 +511,7 @@ class OpenAIGenerator:
 
     @classmethod
     def from_spec(cls, spec: GeneratorSpec, name: str, key: str) -> OpenAIGenerator:
-        api_key = None
-        if spec.api_key_env:
-            api_key = os.environ.get(spec.api_key_env)
-            if not api_key:
-                raise ConfigError(f"{key}.api_key_env = '{spec.api_key_env}': that environment variable is not set; "
-                                  "export it or set api_key_env to null for an endpoint without keys")
+        api_key = api_key_from_env(f"{key}.api_key_env", spec.api_key_env)
         return cls(name, spec.base_url, spec.api_model, api_key, spec.max_concurrency, spec.max_retries, spec.timeout_s)
 
     def prompt_tokens(self, messages: list[dict]) -> None:
@@ -639,10 +641,7 @@ class PromptGenerator:
     def rewind(self, last_iteration: int) -> None:
         """Forget the prompts kept after ``last_iteration``: a resumed or replayed run generates
         those iterations again and must find the pool as it stood then."""
-        for iteration in self.store.iterations():
-            if iteration > last_iteration:
-                self.store.path(iteration).unlink(missing_ok=True)
-                self.store.stats_path(iteration).unlink(missing_ok=True)
+        self.store.drop_after(last_iteration)
         self._load_pool()
 
     def plan(self, iteration: int) -> list[Request]:
@@ -810,5 +809,4 @@ def policy_token_counter(config: TrainConfig) -> Callable[[str], int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
-    return lambda text: len(tokenizer.apply_chat_template([{"role": "user", "content": text}],
-                                                          add_generation_prompt=True, tokenize=True, return_dict=False))
+    return lambda text: len(chat_token_ids(tokenizer, [{"role": "user", "content": text}]))

@@ -6,7 +6,7 @@ import ray
 
 from dynalign.batch import Candidate, Group
 from dynalign.config import TrainConfig
-from dynalign.engine import EngineWorker, call_engines, engine_env
+from dynalign.engine import EngineWorker, call_engines, engine_env, split_evenly
 from dynalign.judge import JudgeMixin
 
 
@@ -70,13 +70,3 @@ class RolloutPool:
             ray.kill(worker)
         self.placement.remove()
 
-
-def split_evenly(items: list, parts: int) -> list[list]:
-    """Contiguous shares whose sizes differ by at most one, in order."""
-    size, extra = divmod(len(items), parts)
-    shares, start = [], 0
-    for part in range(parts):
-        end = start + size + (1 if part < extra else 0)
-        shares.append(items[start:end])
-        start = end
-    return shares

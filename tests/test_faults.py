@@ -80,3 +80,27 @@ def test_rollout_and_judge_actors_killed_mid_call_run_completes(ray_local, tiny_
     for line in (run_dir / "prompt_ids.jsonl").read_text().splitlines():
         prompt_ids = json.loads(line)["prompt_ids"]
         assert len(prompt_ids) == len(set(prompt_ids)) == prompts_per_iteration
+
+
+def test_call_engines_gives_up_on_a_job_past_its_deadline(ray_local):
+    """A job still running at ``timeout_s`` comes back as TIMED_OUT (the judge leaves its groups
+    invalid); the others come back as usual, in order."""
+    import time
+
+    import ray
+
+    from dynalign.engine import TIMED_OUT, call_engines
+
+    @ray.remote(num_cpus=0)
+    class Sleeper:
+        def nap(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    quick, slow = Sleeper.remote(), Sleeper.remote()
+    ray.get([quick.nap.remote(0), slow.nap.remote(0)])  # both actors up before the clock starts
+    started = time.monotonic()
+    results = call_engines([(quick, "quick", "nap", (0.1,)), (slow, "slow", "nap", (30.0,))], timeout_s=3.0)
+    assert results == [0.1, TIMED_OUT]
+    assert time.monotonic() - started < 20
+    ray.kill(slow)

@@ -31,14 +31,6 @@ def _env() -> dict:
     return env
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 600) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert process.poll() is None, f"run exited early with {process.returncode}"
-        assert time.monotonic() < deadline, f"{path} did not appear in {timeout_s} s"
-        time.sleep(0.5)
-
-
 def _policy_tensors(run_dir: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -143,7 +135,7 @@ def test_sigterm_checkpoints_and_leaves_no_process(tiny_model_path, tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(_train_command(tiny_model_path, run_dir, "iterations=50", "checkpoint.every=0"),
                                env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(run_dir / "prompt_ids.jsonl", process)  # the first iteration is done
+    _wait_until((run_dir / "prompt_ids.jsonl").exists, process, "the first iteration")
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
