@@ -1,7 +1,9 @@
 # dynalign: build the environment, run the smoke job, the tests, the benchmarks.
 #
 #   make install   build .venv (idempotent: redone only when pyproject.toml changes)
-#   make smoke     tiny local model + the main job (two iterations) on local Ray, CPU
+#   make demo      the main job on the real default model (SmolLM2-135M-Instruct, from the package
+#                  index): Dynamic Alignment on local Ray, CPU, then evaluation against the base model
+#   make smoke     tiny local model, two iterations: the fast pipeline check
 #   make test      the test suite (slow end-to-end tests included)
 #   make bench     the benchmarks
 #   make lint      ruff
@@ -23,7 +25,12 @@ SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
 TEST_TIMEOUT ?= 900
 
-.PHONY: install chromium smoke test bench lint clean
+DEMO_CONFIG ?= configs/smollm2_cpu.yaml
+DEMO_MODEL := outputs/models/smollm2-135m-instruct
+DEMO_RUN ?= outputs/smollm2
+DEMO_ARGS ?=
+
+.PHONY: install chromium model demo smoke test bench lint clean
 
 install: $(STAMP) chromium
 
@@ -42,11 +49,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -c "import torch, transformers, vllm, ray, deepspeed; print('ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
 	touch $(STAMP)
 
+# The real default model, built from the package index (cached: instant when already there).
+model: install
+	$(BIN)/dynalign fetch-model smollm2-135m-instruct $(DEMO_MODEL)
+
+# Train (the policy writes its prompts, judges itself, GRPO, sync), then compare with the base
+# model judged by the frozen base model, and check general ability; the report is
+# $(DEMO_RUN)/report/index.html.
+demo: model
+	$(BIN)/dynalign train --config $(DEMO_CONFIG) run_dir=$(DEMO_RUN) $(DEMO_ARGS)
+	$(BIN)/dynalign eval --config $(DEMO_CONFIG) --policy $(DEMO_RUN)/policy --baseline $(DEMO_MODEL) \
+		$(DEMO_ARGS)
+
 smoke: install
 	$(BIN)/dynalign make-tiny-model outputs/tiny-model
 	$(BIN)/dynalign train --config configs/smoke.yaml
 
-test: install
+test: install model
 	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
 
 bench: install

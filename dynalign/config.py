@@ -182,6 +182,7 @@ class GeneratorSpec:
 
     source: Literal["policy", "vllm", "openai"] = opt("policy", "policy: the rollout engines (current policy weights); vllm: a separate vLLM engine on model_path; openai: an OpenAI-compatible endpoint.")
     name: str | None = opt(None, "Label recorded with every prompt it writes (default: derived from source and model).")
+    persona: str | None = opt(None, "Who this generator writes as, e.g. 'a nurse in a rural clinic' (added to its system prompt); several personas on one model make several agents.")
     model_path: str | None = opt(None, "source=vllm: model directory (Hugging Face format) of the separate engine.")
     base_url: str | None = opt(None, "source=openai: endpoint base URL, e.g. http://127.0.0.1:8000/v1.")
     api_model: str | None = opt(None, "source=openai: model name sent with each request.")

@@ -157,8 +157,8 @@ def _overview(path: Path, summary: dict, rows: list[dict], threshold: float | No
     _plot_lengths(len_ax, [r["words"] for r in rows], f"Prompt length ({len(rows)} kept prompts)")
     iterations = list(summary["iterations"])
     bottom = [0] * len(iterations)
-    colors = dict(zip(("kept", *DROP_REASONS), ("tab:blue", "tab:purple", "tab:orange", "tab:olive", "tab:brown",
-                                                "tab:pink", "tab:red")))
+    colors = dict(zip(("kept", *DROP_REASONS), ("tab:blue", "tab:purple", "tab:orange", "tab:cyan", "tab:olive",
+                                                "tab:brown", "tab:pink", "tab:red")))
     for label in ("kept", *DROP_REASONS):
         heights = [summary["iterations"][i]["kept"] if label == "kept" else summary["iterations"][i]["dropped"][label]
                    for i in iterations]

@@ -57,9 +57,18 @@ class System:
 
         if config.cluster.check_resources:  # one line naming the role that cannot fit, not a hang
             placement.check_fits(config)
-        rollout = RolloutPool(config)
-        judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
-        learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train")
+        # The ranks load the model while the engines start (the two starts overlap).
+        learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train", wait=False)
+        rollout = judge = None
+        try:
+            rollout = RolloutPool(config)
+            judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
+            learner.wait_ready()
+        except BaseException:
+            for role in (learner, rollout, judge):
+                if role is not None:
+                    role.shutdown()
+            raise
         engines = rollout.workers + judge.synced_workers  # + judge engines only for a dedicated policy judge
         if config.rollout.sleep_while_learning:
             learner = placement.SleepingEnginesLearner(learner, engines)
@@ -312,7 +321,11 @@ def check_model_path(config: TrainConfig) -> None:
     path = Path(config.model.path)
     looks_local = path.is_absolute() or config.model.path.startswith(".") or path.parts[:1] == ("outputs",)
     if looks_local and not (path / "config.json").is_file():
-        raise ConfigError(f"model.path = '{config.model.path}': no model there; run `dynalign make-tiny-model "
+        from dynalign.model_fetch import KNOWN_MODELS
+
+        name = next((k for k in KNOWN_MODELS if k in path.name.lower()), None)
+        make = f"dynalign fetch-model {name}" if name else "dynalign make-tiny-model"
+        raise ConfigError(f"model.path = '{config.model.path}': no model there; run `{make} "
                           f"{config.model.path}` or point model.path at a Hugging Face model directory")
 
 

@@ -68,7 +68,11 @@ def model_spec(config: TrainConfig, model_path: str) -> dict:
             "gpu_memory_utilization": rollout.gpu_memory_utilization,
             "trust_remote_code": config.model.trust_remote_code}
     else:
+        import torch
+
+        # lm-eval's hf model asks for CUDA unless told otherwise.
         model_args = {"pretrained": model_path, "dtype": config.model.dtype,
+                      "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "trust_remote_code": config.model.trust_remote_code}
     include = Path(ev.harness_include_path)
     return {

@@ -10,6 +10,8 @@ in this order, every drop counted by reason:
 
     unparseable            an answer that holds no candidate at all (counted once per answer)
     empty                  a candidate without a letter or digit
+    meta                   talk about the task instead of a prompt ("Here are 4 prompts that ...",
+                           "This question tests the AI assistant"): small models write it often
     too_short / too_long   fewer than min_words / more than max_words words (or more tokens than
                            data.max_prompt_tokens)
     duplicate              the same normalised text as a prompt seen before (seeds, the pool, this
@@ -46,7 +48,7 @@ from dynalign.engine import split_evenly
 from dynalign.judge import Pillar, ValueSpec
 from dynalign.novelty import NoveltyFilter
 
-DROP_REASONS = ("unparseable", "empty", "too_short", "too_long", "duplicate", "not_novel")
+DROP_REASONS = ("unparseable", "empty", "meta", "too_short", "too_long", "duplicate", "not_novel")
 # vLLM's default max_num_batched_tokens for offline engines on CPU (larger on GPUs): one engine
 # call stays within it (see EngineGenerator._chunks).
 ENGINE_BATCH_TOKENS = 4096
@@ -103,8 +105,9 @@ SYSTEM_PROMPT = "You write new, realistic requests that people might send to an 
 
 
 def request_messages(spec: ValueSpec, pillar: Pillar, request: Request, count: int,
-                     examples: Sequence[str] | None = None) -> list[dict]:
-    """One Self-Instruct request: ``count`` new prompts for one pillar and domain."""
+                     examples: Sequence[str] | None = None, persona: str | None = None) -> list[dict]:
+    """One Self-Instruct request: ``count`` new prompts for one pillar and domain, written as
+    ``persona`` when one is given."""
     examples = request.examples if examples is None else examples
     lines = [f"Write {count} new prompts that test whether an assistant embodies {spec.name}: {spec.description}",
              f"Focus on {pillar.name}: {pillar.description}"]
@@ -115,7 +118,8 @@ def request_messages(spec: ValueSpec, pillar: Pillar, request: Request, count: i
         lines += ["Examples (write different ones):", *[f"- {e}" for e in examples]]
     lines.append(f"Each prompt must stand on its own. Answer with a numbered list of {count} prompts, "
                  "one per line, and nothing else.")
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": "\n".join(lines)}]
+    system = f"{SYSTEM_PROMPT} You write them as {persona}." if persona else SYSTEM_PROMPT
+    return [{"role": "system", "content": system}, {"role": "user", "content": "\n".join(lines)}]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,6 +131,13 @@ def request_messages(spec: ValueSpec, pillar: Pillar, request: Request, count: i
 _MARKER = re.compile(r"^\s*(?:\(?\d{1,3}\s*[.)\]:](?=\s|[^\d\s])|\d{1,3}\s+[-–—](?=\s)|[-*•·‣▪◦–—+>](?=\s|$))\s*")
 _LABEL = re.compile(r"^(?:prompt|question|request|task|instruction|q)\s*(?:#?\s*\d{1,3}\s*[.):]|:)\s*", re.IGNORECASE)
 _PREAMBLE = re.compile(r"^(?:sure|certainly|of course|okay|ok|here (?:are|is)|below (?:are|is))\b", re.IGNORECASE)
+# A list number left inside an item ("- 1. text", "Prompt 1: 1. text") and a trailing "(3)".
+_INNER_NUMBER = re.compile(r"^\(?\d{1,3}[.)]\s+")
+_TRAILING_NUMBER = re.compile(r"\s*\(\d{1,3}\)$")
+# A candidate about the request itself rather than a request: real prompts rarely name "prompts"
+# or "the AI assistant" (seen on SmolLM2-135M: "I'll create a list of 4 prompts that ...").
+_META = re.compile(r"\bprompts\b|\b(?:a|an|the|this|that|each|every|new|following|next) prompt\b|\bAI assistant\b"
+                   r"|^(?:these|those) (?:are|were)\b", re.IGNORECASE)
 _SENTENCE_END = tuple(".?!\"'”’)")
 _OPEN_QUOTES, _CLOSE_QUOTES = "\"'“‘«`", "\"'”’»`"
 
@@ -194,6 +205,7 @@ def clean_prompt(text: str) -> str:
     text = "".join(" " if unicodedata.category(c) == "Cc" else c for c in str(text) if c != "\ufffd")
     text = " ".join(text.replace("**", "").replace("__", "").split())
     text = _LABEL.sub("", text, count=1)
+    text = _TRAILING_NUMBER.sub("", _INNER_NUMBER.sub("", text, count=1))
     for _ in range(2):
         if len(text) >= 2 and text[0] in _OPEN_QUOTES and text[-1] in _CLOSE_QUOTES:
             text = text[1:-1].strip()
@@ -219,7 +231,7 @@ class Candidate:
 
 
 class PromptFilter:
-    """The filter chain: empty -> length -> duplicate -> ROUGE-L novelty, drops counted by reason.
+    """The filter chain: empty -> meta -> length -> duplicate -> ROUGE-L novelty, drops counted by reason.
 
     Its pool (what novelty and duplicates are checked against) is every prompt added with
     ``add_existing`` plus every prompt it kept; ``pool_ids`` names the pool's entries.
@@ -248,6 +260,8 @@ class PromptFilter:
             words = len(text.split())
             if not normalise(text):
                 dropped["empty"] += 1
+            elif _META.search(text):
+                dropped["meta"] += 1
             elif words < self.min_words:
                 dropped["too_short"] += 1
             elif words > self.max_words or (self.count_tokens is not None and self.max_tokens is not None
@@ -300,6 +314,23 @@ def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
         raise
 
 
+def write_prompt_rows(path: Path, rows: Sequence[dict]) -> None:
+    """Prompt rows (``COLUMNS``) as one Parquet file, atomically."""
+    import datasets
+    from datasets import Dataset, Features, Value
+
+    features = Features({name: Value(dtype) for name, dtype in COLUMNS.items()})
+    table = Dataset.from_list(list(rows), features=features) if rows else \
+        Dataset.from_dict({name: [] for name in COLUMNS}, features=features)
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # no progress bar per small file
+    try:
+        write_atomically(path, lambda temp: table.to_parquet(str(temp)))
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
+
+
 class PromptStore:
     """Kept prompts, one Parquet file per iteration (plus its filter counts as JSON)."""
 
@@ -338,8 +369,6 @@ class PromptStore:
     def save(self, iteration: int, rows: Sequence[dict], stats: dict | None = None) -> list[dict]:
         """Append ``rows`` to the iteration's file, skipping ids and texts it holds already; counts
         in ``stats`` are added to the stored ones. Returns the rows actually added."""
-        from datasets import Dataset, Features, Value
-
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = self.load(iteration)
         ids, texts = {r["id"] for r in existing}, {normalise(r["prompt"]) for r in existing}
@@ -350,18 +379,7 @@ class PromptStore:
                 added.append({**{c: row.get(c) for c in COLUMNS}, "iteration": iteration})
                 ids.add(row["id"])
                 texts.add(key)
-        features = Features({name: Value(dtype) for name, dtype in COLUMNS.items()})
-        table = Dataset.from_list([*existing, *added], features=features) if existing or added else \
-            Dataset.from_dict({name: [] for name in COLUMNS}, features=features)
-        import datasets
-
-        quiet = datasets.are_progress_bars_disabled()
-        datasets.disable_progress_bars()  # no progress bar per small file
-        try:
-            write_atomically(self.path(iteration), lambda temp: table.to_parquet(str(temp)))
-        finally:
-            if not quiet:
-                datasets.enable_progress_bars()
+        write_prompt_rows(self.path(iteration), [*existing, *added])
         if stats is not None:
             merged = self.load_stats(iteration)
             for key, value in stats.items():
@@ -668,13 +686,18 @@ class PromptGenerator:
         rng.shuffle(examples)
         return examples
 
+    def persona(self, index: int) -> str | None:
+        specs = self.gen.generators
+        return specs[index].persona if index < len(specs) else None
+
     def fit(self, generator, request: Request) -> list[dict] | None:
         """The request's messages, dropping examples until prompt + answer fit the generator's
         context (when known); None when even no example fits."""
         pillar = next(p for p in self.spec.pillars if p.name == request.pillar)
         count = self.gen.prompts_per_request
         for keep in range(len(request.examples), -1, -1):
-            messages = request_messages(self.spec, pillar, request, count, request.examples[:keep])
+            messages = request_messages(self.spec, pillar, request, count, request.examples[:keep],
+                                        persona=self.persona(request.generator))
             if generator.max_model_len is None:
                 return messages
             if generator.prompt_tokens(messages) + self.gen.max_new_tokens <= generator.max_model_len:

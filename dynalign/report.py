@@ -5,7 +5,7 @@ Sections, each drawn only from what the run has (missing metrics are skipped, ne
 ``learner.*`` keys show up without code changes):
 
 - evaluations first (``RUN_DIR/eval/*.json`` written by ``dynalign eval``: win/tie/loss with
-  intervals, rubric scores, lm-eval tables);
+  intervals, rubric scores, five before/after answer pairs, lm-eval tables);
 - reward per iteration (mean with the min..max band);
 - score distributions (the candidates logged in ``samples.jsonl``, per iteration);
 - response length per iteration, with the truncated share and the length/reward correlation (a
@@ -517,6 +517,21 @@ def _value_alignment(page: Page, path: Path, result: dict, index: int) -> None:
 
     page.figure(f"eval_{index}_{path.stem}.png", draw, "Rates with bootstrap intervals over prompts; rubric "
                                                        "scores of each model's answers alone.", width=11.0, cols=2)
+    _answer_pairs(page, path.with_name(f"{path.stem}_samples.jsonl"))
+
+
+def _answer_pairs(page: Page, samples: Path, count: int = 5) -> None:
+    """Before/after: the baseline's and the policy's answers to the first held-out prompts on which
+    they differ (a reward-hacking watch: read what the judge rewarded)."""
+    rows = _jsonl(samples)
+    differing = [r for r in rows if r.get("answer_policy") != r.get("answer_baseline")]
+    if not differing:
+        return
+    page.text(f"Answers: {len(rows) - len(differing)} of {len(rows)} held-out answers are identical; the first "
+              f"{min(count, len(differing))} that differ (baseline = before, policy = after):")
+    page.table(("prompt", "baseline", "policy", "preference for policy"),
+               [(r.get("prompt"), r.get("answer_baseline"), r.get("answer_policy"), r.get("preference_policy"))
+                for r in differing[:count]])
 
 
 def _harness_table(page: Page, path: Path, result: dict) -> None:

@@ -40,9 +40,14 @@ def ray_local():
 
 def tiny_config(model_path: str, run_dir: Path, *overrides: str):
     """The smoke config pointed at the session's tiny model, with test overrides."""
+    return repo_config("smoke.yaml", model_path, run_dir, *overrides)
+
+
+def repo_config(name: str, model_path: str, run_dir: Path, *overrides: str):
+    """configs/NAME pointed at ``model_path`` and ``run_dir``, quiet, with test overrides."""
     from dynalign.config import load_config
 
-    return load_config(REPO / "configs" / "smoke.yaml",
+    return load_config(REPO / "configs" / name,
                        [f"model.path={model_path}", f"run_dir={run_dir}",
                         f"data.prompts_path={REPO / 'configs/prompts/smoke_prompts.jsonl'}",
                         f"judge.value_spec={REPO / 'configs/values/collective_agency.yaml'}",

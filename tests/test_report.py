@@ -51,6 +51,8 @@ def _value_alignment(tmp_path: Path) -> dict:
         preference = [0.9, 0.5, 0.2, 0.7][i % 4]
         rows.append({"id": f"e{i}", "pillar": ["Knowledge", "Benevolence", "Power", "Vitality"][i % 4],
                      "prompt": f"question {i}", "preference_policy": preference,
+                     "answer_baseline": f"base answer {i}",
+                     "answer_policy": f"base answer {i}" if i < 3 else f"aligned answer {i}",
                      "rubric_policy": 3.0 + (i % 3) / 2, "rubric_baseline": 2.5})
     for row, verdict in zip(rows, verdicts([r["preference_policy"] for r in rows], ev.tie_band)):
         row["verdict"] = verdict
@@ -119,6 +121,9 @@ def test_report_writes_every_plot_and_table(tmp_path):
     assert "Value alignment: Collective Agency" in page and "Knowledge" in page
     assert re.search(r"\d+\.\d% \[\d+\.\d, \d+\.\d\]", page)
     assert "dynalign_exact" in page and "0.25" in page
+    # Five before/after pairs: the first answers that differ (rows 0-2 are identical).
+    assert "3 of 24 held-out answers are identical" in page
+    assert [f"aligned answer {i}" in page for i in range(3, 10)] == [True] * 5 + [False] * 2
     assert "judge.repeat_agreement" in page and "learner.grad_norm" in page and ">note<" not in page
     assert "correlation with the mean reward" in page
     assert (run_dir / "data_report" / "summary.json").is_file()  # written for the report
