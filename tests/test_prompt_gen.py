@@ -128,6 +128,7 @@ def test_filter_order_and_drop_counts():
         "I'll create a list of 4 prompts that need creative answers.",              # meta (seen on SmolLM2)
         "This is a question that may be asked to the AI assistant.",                # meta
         "These are all great examples of questions that challenge.",                # meta
+        "I'm ready to help. What prompt would you like to try?",                    # meta
         "What should prompt a town to rebuild its bridge?",                         # kept: "prompt" the verb
         "how can a small town keep its only library open when the budget is cut",  # duplicate of the pool
         "How could a small town keep its only library open if the budget is cut?",  # near copy: not novel
@@ -137,7 +138,7 @@ def test_filter_order_and_drop_counts():
         "What should an open-source project do about one dominant company?",        # kept
     ]]
     rows, dropped = filt.apply(candidates, make_id=lambda k: f"new-{k}")
-    assert dict(dropped) == {"empty": 2, "meta": 3, "too_short": 2, "too_long": 2, "duplicate": 2, "not_novel": 2}
+    assert dict(dropped) == {"empty": 2, "meta": 4, "too_short": 2, "too_long": 2, "duplicate": 2, "not_novel": 2}
     assert [r["prompt"] for r in rows] == ["A short question about rivers?",
                                            "What should prompt a town to rebuild its bridge?",
                                            "Why do vaccines protect people who did not get them?",

@@ -139,9 +139,7 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
         "smollm2_cpu.yaml", smollm2_path, run_dir,
         "data.prompts_per_iteration=2", "rollout.group_size=4", "rollout.max_new_tokens=48",
         "generation.requests_per_iteration=2", "generation.prompts_per_request=3", "generation.max_new_tokens=96",
-        "learner.micro_batch_size=2",
-        # One step must move the policy visibly (the demo's 1e-6 moves it less than bf16 noise).
-        "learner.lr=2e-5", "learner.drop_tied_groups=false"))
+        "learner.micro_batch_size=2", "learner.drop_tied_groups=false"))
     probes = [[{"role": "user", "content": text}] for text in
               ("How can neighbours share tools fairly?", "Why should I learn to cook?",
                "What makes a good teacher?", "How do I start a community garden?")]
@@ -180,4 +178,4 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
     assert data_stats["judge.score_std"] > 0.02, "the scores must not collapse to one value"
     assert fresh_gap["mean_abs"] < 0.05 and fresh_gap["k3"] < 0.005
     assert stale_gap["mean_abs"] > 1.5 * fresh_gap["mean_abs"] and stale_gap["k3"] > 2 * fresh_gap["k3"]
-    assert before != after, "one GRPO step at lr 2e-5 should change some greedy answer"
+    assert before != after, "one GRPO step at the main job's lr should change some greedy answer"
