@@ -118,6 +118,15 @@ def _gap(learner, samples) -> dict[str, float]:
     return grpo.logprob_gap_stats(flat[0][None], flat[1][None], torch.ones_like(flat[0], dtype=torch.bool)[None])
 
 
+def _unscored_samples(groups, config):
+    """Samples for a log-prob comparison only (their advantages are never used)."""
+    from dynalign.driver import to_samples
+
+    for group in groups:
+        group.rewards = [0.0] * len(group.candidates)
+    return to_samples(groups, config)[0]
+
+
 @pytest.mark.slow
 def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2_path, tmp_path):
     """The main job's iteration on SmolLM2 with a tiny batch, step by step: the policy writes
@@ -139,7 +148,10 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
         "smollm2_cpu.yaml", smollm2_path, run_dir,
         "data.prompts_per_iteration=2", "rollout.group_size=4", "rollout.max_new_tokens=48",
         "generation.requests_per_iteration=2", "generation.prompts_per_request=3", "generation.max_new_tokens=96",
-        "learner.micro_batch_size=2", "learner.drop_tied_groups=false"))
+        "learner.micro_batch_size=2", "learner.drop_tied_groups=false",
+        # float32 engines: the sync is exact, so the gap measures the sync alone (bf16 rounding of
+        # the weights alone leaves a mean abs gap of ~0.035 on this model, more than one step moves).
+        "model.dtype=float32"))
     probes = [[{"role": "user", "content": text}] for text in
               ("How can neighbours share tools fairly?", "Why should I learn to cook?",
                "What makes a good teacher?", "How do I start a community garden?")]
@@ -154,10 +166,10 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
         groups, data_stats = sample_scored_groups(system, iteration_prompts, config, 0, Timings())      # 2-3
         samples, _ = to_samples(groups, config)
         learn_stats = system.learner.train_step(samples)                                                # 4
-        stale = to_samples(system.rollout.generate(prompts.take(2), iteration=1), config)[0]
+        stale = _unscored_samples(system.rollout.generate(prompts.take(2), iteration=1), config)
         stale_gap = _gap(system.learner, stale)
         system.weight_sync.sync(system.learner, version=1)                                              # 5
-        fresh = to_samples(system.rollout.generate(prompts.take(2), iteration=2), config)[0]
+        fresh = _unscored_samples(system.rollout.generate(prompts.take(2), iteration=2), config)
         fresh_gap = _gap(system.learner, fresh)
         after = ray.get(engine.chat.remote(probes, greedy))
     finally:
@@ -177,5 +189,6 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
     assert data_stats["judge.invalid_rate"] == 0, "every real judgement must give a score"
     assert data_stats["judge.score_std"] > 0.02, "the scores must not collapse to one value"
     assert fresh_gap["mean_abs"] < 0.05 and fresh_gap["k3"] < 0.005
-    assert stale_gap["mean_abs"] > 1.5 * fresh_gap["mean_abs"] and stale_gap["k3"] > 2 * fresh_gap["k3"]
+    assert stale_gap["mean_abs"] > max(0.005, 1.5 * fresh_gap["mean_abs"]), "a skipped sync must show"
+    assert stale_gap["k3"] > 2 * fresh_gap["k3"]
     assert before != after, "one GRPO step at the main job's lr should change some greedy answer"
