@@ -57,18 +57,9 @@ class System:
 
         if config.cluster.check_resources:  # one line naming the role that cannot fit, not a hang
             placement.check_fits(config)
-        # The ranks load the model while the engines start (the two starts overlap).
-        learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train", wait=False)
-        rollout = judge = None
-        try:
-            rollout = RolloutPool(config)
-            judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
-            learner.wait_ready()
-        except BaseException:
-            for role in (learner, rollout, judge):
-                if role is not None:
-                    role.shutdown()
-            raise
+        rollout = RolloutPool(config)
+        judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
+        learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train")
         engines = rollout.workers + judge.synced_workers  # + judge engines only for a dedicated policy judge
         if config.rollout.sleep_while_learning:
             learner = placement.SleepingEnginesLearner(learner, engines)

@@ -460,22 +460,13 @@ def _fit(config: TrainConfig, channel, storage_path: str) -> None:
 class LearnerGroup:
     """Driver-side handle: every method is one command run on all ranks."""
 
-    def __init__(self, config: TrainConfig, storage_path: str | os.PathLike, wait: bool = True):
-        """Start the ranks; with ``wait=False`` return at once (call ``wait_ready`` before use), so
-        the driver can start the engines while the ranks load the model."""
+    def __init__(self, config: TrainConfig, storage_path: str | os.PathLike):
         self.config = config
         self.channel = CommandChannel.remote(config.learner.num_ranks)
         storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
         self.fit_ref = _fit.remote(config, self.channel, storage)
         self.nonfinite_streak = 0
-        self.infos: list[dict] = []
-        if wait:
-            self.wait_ready()
-
-    def wait_ready(self) -> list[dict]:
-        """Block until every rank has built its trainer (a failed start raises here)."""
         self.infos = self.call("ping")
-        return self.infos
 
     def call(self, name: str, *args, timeout_s: float | None = None) -> list[Any]:
         seq = ray.get(self.channel.submit.remote(name, args))
