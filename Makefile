@@ -57,13 +57,13 @@ model: $(STAMP)
 # model judged by the frozen base model, and check general ability; the report is
 # $(DEMO_RUN)/report/index.html.
 demo: model
-	$(BIN)/dynalign train --config $(DEMO_CONFIG) run_dir=$(DEMO_RUN) $(DEMO_ARGS)
+	$(BIN)/dynalign train --config $(DEMO_CONFIG) run_dir=$(DEMO_RUN) --overwrite $(DEMO_ARGS)
 	$(BIN)/dynalign eval --config $(DEMO_CONFIG) --policy $(DEMO_RUN)/policy --baseline $(DEMO_MODEL) \
 		$(DEMO_ARGS)
 
 smoke: install
 	$(BIN)/dynalign make-tiny-model outputs/tiny-model
-	$(BIN)/dynalign train --config configs/smoke.yaml
+	$(BIN)/dynalign train --config configs/smoke.yaml --overwrite
 
 test: install model
 	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)

@@ -3,16 +3,19 @@
 Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
 scheduler), ``policy/`` (Hugging Face format), ``state.json`` (iteration, prompt stream position,
 judge call counter; every other random choice is seeded from the seed and the iteration)
-and ``manifest.json`` (written last: a directory without it is not a checkpoint). The directory
-is written under a temporary name and renamed into place, so a crash or a full disk never leaves
-a half-written checkpoint, and the previous one stays intact.
+and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
+file's size and sha256, checked before a resume starts anything). The directory is written under
+a temporary name and renamed into place, so a crash or a full disk never leaves a half-written
+checkpoint, and the previous one stays intact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -36,7 +39,7 @@ def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: i
         learner.save_checkpoint(staging / "learner")
         learner.save_policy(staging / "policy")
         write_json(staging / "state.json", {**state, "iteration": iteration})
-        files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+        files = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         write_json(staging / MANIFEST, {"iteration": iteration, "created": time.time(), "files": files})
         if final.exists():
             shutil.rmtree(final)
@@ -46,6 +49,33 @@ def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: i
         raise
     prune(root, keep_last)
     return final
+
+
+def file_record(path: Path) -> dict:
+    with path.open("rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"size": path.stat().st_size, "sha256": digest}
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with checkpoint ``path`` (a file missing, cut short or changed), or None."""
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path / MANIFEST} cannot be read"
+    if isinstance(files, list):  # written before checksums were recorded: presence only
+        files = {name: None for name in files}
+    for name, record in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if record is None:
+            continue
+        if file.stat().st_size != record["size"]:
+            return f"{file} is {file.stat().st_size} bytes, the manifest says {record['size']}"
+        if file_record(file)["sha256"] != record["sha256"]:
+            return f"{file} does not match its checksum"
+    return None
 
 
 def write_json(path: Path, payload: dict) -> None:
@@ -73,16 +103,28 @@ def resolve(run_dir: str | Path, resume: str) -> Path:
     """``latest`` or a path -> a complete checkpoint directory, or a one-line error."""
     from dynalign.config import ConfigError
 
+    found = complete_checkpoints(checkpoint_root(run_dir))
     if resume == "latest":
-        found = complete_checkpoints(checkpoint_root(run_dir))
         if not found:
             raise ConfigError(f"--resume latest: no complete checkpoint under {checkpoint_root(run_dir)}; "
                               "start without --resume")
-        return found[-1]
+        for candidate in reversed(found):  # the newest intact one
+            problem = damage(candidate)
+            if problem is None:
+                return candidate
+            print(f"dynalign: warning: --resume latest: skipping damaged checkpoint {candidate.name} ({problem})",
+                  file=sys.stderr, flush=True)
+        raise ConfigError(f"--resume latest: every checkpoint under {checkpoint_root(run_dir)} is damaged; "
+                          "start without --resume (or with --overwrite)")
     path = Path(resume)
     if not (path / MANIFEST).is_file():
         raise ConfigError(f"--resume {resume}: not a complete checkpoint (no {MANIFEST}); "
                           f"use --resume latest or a directory under {checkpoint_root(run_dir)}")
+    problem = damage(path)
+    if problem is not None:
+        earlier = [p for p in found if p.name < path.name and damage(p) is None]
+        fix = f"resume from an earlier checkpoint: --resume {earlier[-1]}" if earlier else "start without --resume"
+        raise ConfigError(f"--resume {resume}: damaged checkpoint: {problem}; {fix}")
     return path
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from dynalign import __version__
-from dynalign.config import ConfigError, describe, load_config, to_yaml
+from dynalign.config import ConfigError, RunError, describe, load_config, to_yaml, writable_dir
 
 PROG = "dynalign"
 EXIT_USAGE = 2
+EXIT_RUN_FAILED = 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,14 +54,18 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="resume from a checkpoint: 'latest' (the default when the flag is given without a "
              "value) picks the newest one under run_dir, or give a checkpoint directory",
     )
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run_dir that holds a run (its logs and checkpoints are deleted)")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite: choose one (continue the run in run_dir, or replace it)")
     from dynalign.driver import train  # heavy: Ray, vLLM, DeepSpeed
 
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -87,7 +92,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
             raise ConfigError("config --doc lists the defaults; it takes no --config or key=value")
         sys.stdout.write(doc_table())
         return 0
-    sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    config = load_config(args.config, args.overrides)
+    from dynalign.judge import check_value_spec
+
+    check_value_spec(config)  # what `train` would refuse, `config` refuses too
+    sys.stdout.write(to_yaml(config))
     return 0
 
 
@@ -142,6 +151,11 @@ def _cmd_make_tiny_model(args: argparse.Namespace) -> int:
     target = Path(args.path)
     if target.exists() and not target.is_dir():
         raise ConfigError(f"make-tiny-model {args.path}: exists and is not a directory")
+    try:
+        writable_dir("PATH", target.parent)
+    except ConfigError:
+        raise ConfigError(f"make-tiny-model {args.path}: cannot write in {target.parent}; choose a writable "
+                          "directory, e.g. outputs/tiny-model") from None
     existed = (target / "config.json").is_file()
     make_tiny_model(target, seed=args.seed, overwrite=args.overwrite)
     if existed and not args.overwrite:
@@ -299,6 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    configs = [argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.partition("=")[2]
+               for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if len(configs) > 1:  # argparse would keep the last one and drop the others without a word
+        raise ConfigError(f"--config given {len(configs)} times ({', '.join(configs)}): one file is read; "
+                          "merge them, or give the extra options as key=value overrides")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides may sit anywhere on the line (before or after --config / --resume).
@@ -334,14 +354,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parse_args(argv)
     except SystemExit as exit_:  # argparse: --help, --version, usage errors
         return exit_.code if isinstance(exit_.code, int) else EXIT_USAGE
+    except ConfigError as err:
+        return _fail(str(err))
     try:
         return args.func(args)
     except ConfigError as err:
         return _fail(str(err))
-    except FileNotFoundError as err:
+    except RunError as err:
+        first, _, detail = str(err).partition("\n")
+        if detail.strip():
+            print(detail, file=sys.stderr)
+        print(f"{PROG}: error: {first}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except OSError as err:  # a path the user gave: missing, unwritable, a file where a directory belongs
         if err.filename is not None:
-            return _fail(f"{err.filename}: {err.strerror or 'no such file or directory'}")
-        return _fail(str(err))
+            return _fail(f"{err.filename}: {err.strerror or type(err).__name__}; check the path and its permissions")
+        raise
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -9,7 +9,9 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +23,11 @@ from omegaconf import OmegaConf
 
 class ConfigError(ValueError):
     """A bad option; its message is one line meant for the user."""
+
+
+class RunError(RuntimeError):
+    """A run stopped for a reason its first line tells the user (the CLI prints it, exit 1); any
+    further lines are detail, such as a rank's traceback."""
 
 
 def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
@@ -47,7 +54,7 @@ class DataConfig:
     id_key: str = opt("id", "Column that holds a stable prompt id (row index is used when absent).")
     prompts_per_iteration: int = opt(8, "Prompts (groups) trained on per iteration.", min=1)
     max_prompt_tokens: int = opt(128, "Longest prompt in tokens, chat template included.", min=1)
-    on_long_prompt: Literal["skip", "error"] = opt("skip", "What to do with a prompt longer than max_prompt_tokens: skip and count it, or stop.")
+    on_long_prompt: Literal["skip", "error"] = opt("skip", "What to do with a prompt longer than max_prompt_tokens: skip and count it (skip), or refuse the run (error).")
     shuffle: bool = opt(True, "Shuffle prompt order (seeded) before each pass over the dataset.")
 
 
@@ -143,6 +150,11 @@ class LearnerConfig:
     max_nonfinite_steps: int = opt(3, "Stop after this many steps in a row skipped for a NaN or infinite loss.", min=1)
     max_failures: int = opt(3, "Times Ray Train restarts the learner group after a rank dies (from the last checkpoint); -1: always.", min=-1)
 
+    def check(self) -> None:
+        betas = self.adam_betas
+        if (len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
+                or not all(0.0 <= b < 1.0 for b in betas)):
+            raise ConfigError(f"learner.adam_betas = {betas!r}: give two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 @dataclass
 class SyncConfig:
@@ -283,6 +295,13 @@ class TrainConfig:
         if self.judge.score_min >= self.judge.score_max:
             raise ConfigError(f"judge.score_min = {self.judge.score_min} must be below judge.score_max = {self.judge.score_max}")
         self.judge.check()
+        self.learner.check()
+        needed = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+        if self.rollout.max_model_len < needed:
+            raise ConfigError(
+                f"rollout.max_model_len = {self.rollout.max_model_len}: a prompt of data.max_prompt_tokens = "
+                f"{self.data.max_prompt_tokens} plus an answer of rollout.max_new_tokens = {self.rollout.max_new_tokens} "
+                f"needs {needed}; raise rollout.max_model_len or lower one of the two")
         samples = self.data.prompts_per_iteration * self.rollout.group_size
         per_update = self.learner.num_ranks * self.learner.micro_batch_size * self.learner.updates_per_iteration
         if samples % per_update:
@@ -313,6 +332,56 @@ def api_key_from_env(field: str, env_name: str | None) -> str | None:
     return key
 
 
+def load_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file's contents; a syntax error is one line with the file, line, column and problem."""
+    import yaml
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path} line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = " ".join(str(err.problem or err.context or "not valid YAML").split())
+        problem = re.sub(r"^found duplicate key (\S+)$", r"found duplicate key '\1'", problem)
+        lines = Path(path).read_text(errors="replace").splitlines()
+        if mark and mark.line < len(lines) and lines[mark.line][mark.column:mark.column + 1] == "\t":
+            problem += " (a tab: indent with spaces)"
+        raise ConfigError(f"{what} {where}: {problem}") from None
+    except Exception as err:  # omegaconf's own errors are multi-line
+        raise ConfigError(f"{what} {path}: not valid YAML ({' '.join(str(err).split())[:200]})") from None
+
+
+def writable_dir(option: str, path: str | Path) -> Path:
+    """Create directory ``path`` (named by ``option`` in the error) or refuse it in one line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".dynalign-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        if isinstance(err, (FileExistsError, NotADirectoryError)) or (path.exists() and not path.is_dir()):
+            reason = "a file is in the way, a directory is needed"
+        raise ConfigError(f"{option} = '{path}': cannot write there: {reason}; choose a writable directory") from None
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path``, fsync it and rename it into place: a reader
+    (or a crash) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with temp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     """Defaults, then the YAML file, then ``key=value`` overrides; validated at each step."""
     config = TrainConfig()
@@ -320,10 +389,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[
         path = Path(yaml_path)
         if not path.is_file():
             raise ConfigError(f"--config {yaml_path}: no such file")
-        try:
-            yaml_values = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-        except Exception as err:  # omegaconf/yaml errors are multi-line
-            raise ConfigError(f"--config {yaml_path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        yaml_values = load_yaml(path, "--config")
         if yaml_values is None:
             yaml_values = {}
         if not isinstance(yaml_values, dict):
@@ -380,6 +446,8 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping, source: str) 
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number")
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range check; inf trains a model to NaN
+            raise ConfigError(f"{where} must be a finite number")
     elif hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{where} must be a string")

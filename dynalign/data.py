@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,8 +54,9 @@ class PromptStream:
 
 def load_prompts(config: TrainConfig) -> PromptStream:
     """Read, validate and length-filter the prompts file named by ``data.prompts_path``."""
-    from datasets import load_dataset
+    import datasets
 
+    datasets.disable_progress_bars()  # "Generating train split" on every load is chatter, not progress
     data = config.data
     path = Path(data.prompts_path)
     suffix = path.suffix.lower()
@@ -64,8 +67,10 @@ def load_prompts(config: TrainConfig) -> PromptStream:
         raise ConfigError(f"data.prompts_path = '{path}': unsupported file type '{suffix}'; use .jsonl or .parquet")
     if suffix != ".parquet" and not path.read_text(errors="replace").strip():
         raise ConfigError(f"data.prompts_path = '{path}': the file holds no prompts")
+    if suffix == ".jsonl":
+        _check_json_lines(path)
     try:
-        rows = load_dataset(kinds[suffix], data_files=str(path), split="train")
+        rows = datasets.load_dataset(kinds[suffix], data_files=str(path), split="train")
     except Exception as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"data.prompts_path = '{path}': could not be read ({first_line}); "
@@ -81,7 +86,27 @@ def load_prompts(config: TrainConfig) -> PromptStream:
     if not prompts:
         raise ConfigError(f"data.prompts_path = '{path}': no usable prompt (empty or longer than "
                           f"data.max_prompt_tokens = {data.max_prompt_tokens})")
+    if len(prompts) < data.prompts_per_iteration and not config.generation.enabled:
+        print(f"dynalign: warning: data.prompts_path = '{path}': {len(prompts)} usable prompt(s) ({skipped} over "
+              f"data.max_prompt_tokens = {data.max_prompt_tokens}) for data.prompts_per_iteration = "
+              f"{data.prompts_per_iteration}; prompts repeat within an iteration", file=sys.stderr)
     return PromptStream(prompts, seed=config.seed, shuffle=data.shuffle, skipped_too_long=skipped)
+
+
+def _check_json_lines(path: Path) -> None:
+    """One JSON object per line, or a one-line error with the (1-based) line number."""
+    with path.open(errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"data.prompts_path = '{path}': line {number} is not valid JSON ({err.msg}, "
+                                  f"column {err.colno}); each line must be one JSON object") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"data.prompts_path = '{path}': line {number} is a JSON {type(row).__name__}, "
+                                  "not an object; each line must be one JSON object such as {\"prompt\": \"...\"}")
 
 
 def _drop_long(prompts: list[tuple[str, str]], config: TrainConfig) -> tuple[list[tuple[str, str]], int]:

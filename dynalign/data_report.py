@@ -13,7 +13,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
-from dynalign.config import ConfigError
+from dynalign.config import ConfigError, writable_dir
 from dynalign.novelty import rouge_l_f, rouge_tokens
 from dynalign.prompt_gen import DROP_REASONS, PromptStore, write_atomically
 
@@ -113,8 +113,7 @@ def data_report(run_dir: str | Path, out_dir: str | Path | None = None, max_pair
     if not iterations:
         raise ConfigError(f"data-report {run_dir}: no generated prompts under {run_dir / 'prompts'}; "
                           "train with generation.enabled=true first")
-    out = Path(out_dir) if out_dir is not None else run_dir / "data_report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir("data-report --out", out_dir if out_dir is not None else run_dir / "data_report")
     threshold = _threshold(run_dir)
     summary: dict = {"run_dir": str(run_dir), "novelty_threshold": threshold, "iterations": {}, "images": []}
     totals: Counter = Counter()

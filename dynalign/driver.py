@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -25,10 +26,11 @@ from tqdm import tqdm
 
 from dynalign import checkpoint, grpo
 from dynalign.batch import Group, Sample
-from dynalign.config import ConfigError, TrainConfig, to_yaml
+from dynalign.config import ConfigError, TrainConfig, atomic_write_text, to_yaml, writable_dir
 from dynalign.data import PromptStream, load_prompts
 from dynalign.judge import (
     JudgePool,
+    check_value_spec,
     judge_actor_count,
     judge_engines_synced,
     judge_metrics,
@@ -75,18 +77,17 @@ class System:
         self.judge.shutdown()
 
 
-def train(config: TrainConfig, resume: str | None = None) -> dict:
+def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
+    # Every input is checked before run_dir is touched: a bad option never costs an earlier run.
     check_model_path(config)
     config = absolute_paths(config)
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_from = checkpoint.resolve(run_dir, resume) if resume else None
-    if resume_from is None:  # a fresh run does not append to an earlier run's logs
-        for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):
-            (run_dir / name).unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(config))
+    check_value_spec(config)
     prompts = load_prompts(config)
     fresh_prompt_state = prompts.state()
+    run_dir = Path(config.run_dir)
+    resume_from = checkpoint.resolve(run_dir, resume) if resume else None
+    prepare_run_dir(run_dir, fresh=resume_from is None, overwrite=overwrite)
+    atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     init_ray(config)
     system = System.start(config, run_dir)
     stop = GracefulStop()
@@ -320,6 +321,25 @@ def check_model_path(config: TrainConfig) -> None:
                           f"{config.model.path}` or point model.path at a Hugging Face model directory")
 
 
+RUN_LOGS = ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl", "summary.json")
+
+
+def prepare_run_dir(run_dir: Path, fresh: bool, overwrite: bool) -> None:
+    """Create ``run_dir``; a fresh run refuses a directory that holds a run unless ``overwrite``
+    (then the earlier run's logs and checkpoints go, so nothing of it mixes with the new one)."""
+    writable_dir("run_dir", run_dir)
+    if not fresh:
+        return
+    earlier = [name for name in (*RUN_LOGS, "checkpoints", "policy") if (run_dir / name).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"run_dir = '{run_dir}' holds a run ({', '.join(earlier)}); continue it with --resume, "
+                          "replace it with --overwrite, or choose another run_dir")
+    for name in earlier:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+
+
 def absolute_paths(config: TrainConfig) -> TrainConfig:
     """Actors do not run in the driver's working directory: pin local paths down first."""
     config = copy.deepcopy(config)
@@ -349,9 +369,9 @@ def init_ray(config: TrainConfig) -> None:
               + (sum(g.source == "vllm" for g in config.generation.generators) * config.rollout.num_cpus_per_worker
                  if config.generation.enabled else 0))
     num_cpus = config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    # The dashboard also serves Ray's state API, which Ray Train's controller polls.
-    # address="local": always a new local cluster, even if another Ray runs on this machine.
-    ray.init(address="local", num_cpus=num_cpus, runtime_env=env)
+    from dynalign.placement import start_local_ray
+
+    start_local_ray(num_cpus, env["env_vars"])  # a new local cluster, even if another Ray runs here
 
 
 def summarize(history: list[dict], run_dir: Path) -> dict:

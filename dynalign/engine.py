@@ -23,6 +23,9 @@ def engine_env(rollout: RolloutConfig) -> dict[str, str]:
     return {
         "VLLM_CPU_KVCACHE_SPACE": str(rollout.cpu_kv_cache_gib),
         "TOKENIZERS_PARALLELISM": "false",
+        # The engine core runs in the actor's own process instead of a child it spawns (which
+        # imports torch and vLLM again): the actor already is the isolated process vLLM wants.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
 
 
@@ -42,6 +45,9 @@ class EngineWorker:
             dtype=config.model.dtype,
             max_model_len=max_model_len or rollout.max_model_len,
             tensor_parallel_size=rollout.tensor_parallel_size,
+            # One GPU (or the CPU): the model runs in this process ("uni"), not in a worker
+            # process of its own; tensor parallelism needs vLLM's own worker processes.
+            distributed_executor_backend="uni" if rollout.tensor_parallel_size == 1 else None,
             gpu_memory_utilization=rollout.gpu_memory_utilization,
             enforce_eager=rollout.enforce_eager,
             seed=seed,

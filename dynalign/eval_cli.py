@@ -10,9 +10,8 @@ Only argparse here: heavy imports (Ray, vLLM, matplotlib) happen inside the comm
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from dynalign.config import ConfigError, load_config
+from dynalign.config import ConfigError, load_config, writable_dir
 
 
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,13 +55,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     policy = check_model_dir(args.policy, "--policy")
     baseline = check_model_dir(args.baseline, "--baseline") if args.baseline else None
-    out = Path(args.out) if args.out else default_out_dir(policy)
     if config.eval.tasks:
         from dynalign.harness import lm_eval_version
 
         lm_eval_version()  # fail before any engine starts
     if baseline:
         check_eval_config(config)
+    out = writable_dir("eval --out", args.out if args.out else default_out_dir(policy))
+    if baseline:
         import ray
 
         from dynalign.evaluate import evaluate_value, init_ray

@@ -560,8 +560,10 @@ def init_ray(config: TrainConfig) -> bool:
     if address:
         ray.init(address=address, runtime_env=env)
     else:
+        from dynalign.placement import start_local_ray
+
         needed = 3 * max(config.rollout.num_cpus_per_worker, 1.0)
-        ray.init(num_cpus=config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed)), runtime_env=env)
+        start_local_ray(config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed)), env["env_vars"])
     return True
 
 

@@ -19,7 +19,7 @@ import logging
 import math
 from pathlib import Path
 
-from dynalign.config import ConfigError, TrainConfig, load_config
+from dynalign.config import ConfigError, TrainConfig, load_config, writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"generate --num-prompts {args.num_prompts}: must be at least 1")
     if args.max_rounds < 0:
         raise ConfigError(f"generate --max-rounds {args.max_rounds}: must be 0 (automatic) or more")
-    out = Path(args.out) if args.out else Path(config.run_dir) / "generated"
+    out = writable_dir("generate --out", args.out if args.out else Path(config.run_dir) / "generated")
     summary = generate_dataset(config, args.num_prompts, out, max_rounds=args.max_rounds)
     overall = summary["report"]["overall"]
     dropped = ", ".join(f"{k} {v}" for k, v in overall["dropped"].items() if v) or "none"

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,17 +108,31 @@ def run_model(config: TrainConfig, model_path: str, out_dir: Path, label: str) -
            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     started = time.perf_counter()
     with log_path.open("w") as log:
+        # Its own process group: the child leaves with os._exit (see the end of this file), which
+        # skips stopping vLLM's engine processes; they are stopped with the group, however it ends.
+        child = subprocess.Popen([sys.executable, "-m", "dynalign.harness", str(spec_path)], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            code = subprocess.run([sys.executable, "-m", "dynalign.harness", str(spec_path)], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env, timeout=config.eval.harness_timeout_s).returncode
+            code = child.wait(timeout=config.eval.harness_timeout_s)
         except subprocess.TimeoutExpired:
             raise HarnessError(f"lm-eval on {model_path} ran past eval.harness_timeout_s = "
                                f"{config.eval.harness_timeout_s:g} s (log: {log_path})") from None
+        finally:
+            stop_process_group(child)
     if code != 0 or not result_path.is_file():
         raise HarnessError(f"lm-eval on {model_path} failed: {_last_error(log_path)} (log: {log_path})")
     raw = json.loads(result_path.read_text())
     raw["seconds"] = time.perf_counter() - started
     return raw
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of ``process``'s group (it was started with start_new_session)."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the whole group is gone already
+    process.wait()
 
 
 def _last_error(log_path: Path) -> str:

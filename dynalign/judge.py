@@ -39,7 +39,7 @@ from pathlib import Path
 import ray
 
 from dynalign.batch import Group
-from dynalign.config import ConfigError, JudgeConfig, TrainConfig, api_key_from_env
+from dynalign.config import ConfigError, JudgeConfig, TrainConfig, api_key_from_env, load_yaml
 from dynalign.engine import TIMED_OUT, EngineWorker, call_engines, engine_env, split_evenly
 
 log = logging.getLogger("dynalign.judge")
@@ -110,11 +110,9 @@ class ValueSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ValueSpec:
-        from omegaconf import OmegaConf
-
         if not Path(path).is_file():
             raise ConfigError(f"judge.value_spec = '{path}': no such file; point it at a YAML file in configs/values/")
-        raw = OmegaConf.to_container(OmegaConf.load(path))
+        raw = load_yaml(path, "judge.value_spec")
         where = f"value spec {path}"
         if not isinstance(raw, dict):
             raise ConfigError(f"{where}: expected a mapping with name, description, pillars")
@@ -159,6 +157,16 @@ class ValueSpec:
     def check(self, judge: JudgeConfig) -> None:
         """Everything about the spec that depends on the judge config; raises ConfigError."""
         self.criteria(judge)
+
+
+def check_value_spec(config: TrainConfig) -> ValueSpec | None:
+    """Load and check the value spec where the run reads it (a model judge, prompt generation),
+    before anything starts: a bad spec is one line, not a failure inside an actor."""
+    if config.judge.kind == "rule" and not config.generation.enabled:
+        return None
+    spec = ValueSpec.load(config.judge.value_spec)
+    spec.check(config.judge)
+    return spec
 
 
 def _load_rubric(raw, pillar_names: list[str], where: str) -> Rubric:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -24,10 +25,10 @@ import torch
 
 from dynalign import grpo
 from dynalign.batch import Sample, pad_samples
-from dynalign.config import TrainConfig
+from dynalign.config import RunError, TrainConfig
 
 
-class LearnerError(RuntimeError):
+class LearnerError(RunError):
     """A learner rank failed; the message names the rank and the command."""
 
 
@@ -265,6 +266,11 @@ class PolicyTrainer:
                 metrics["grad_norm"].append(float(grad_norm))
         summary = {key: _reduce(key, values) for key, values in metrics.items()}
         summary["skipped_nonfinite"] = 0.0
+        # A finite loss can still step to NaN weights (an infinite lr, an overflowing gradient):
+        # the ranks check their own shard and stop together rather than save a broken policy.
+        finite = math.isfinite(summary.get("grad_norm", 0.0)) and all(
+            bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.engine.module.parameters())
+        summary["nonfinite_weights"] = 0.0 if _all_ranks_agree(finite) else 1.0
         summary["step_seconds"] = time.perf_counter() - started
         summary["tokens"] = float(sum(len(s.prompt_token_ids) + len(s.completion_token_ids)
                                       for mini in mini_batches for s in mini[self.rank::self.world_size]))
@@ -488,6 +494,10 @@ class LearnerGroup:
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         per_rank = self.call("train_step", ray.put(samples))
         metrics = {key: _reduce(key, [r[key] for r in per_rank]) for key in per_rank[0]}
+        if metrics.get("nonfinite_weights"):
+            raise LearnerError(f"the weights or the gradient norm (grad norm {metrics.get('grad_norm', float('nan')):.4g}) "
+                               "went NaN or infinite in this update; lower learner.lr or learner.grad_clip, and resume "
+                               "from the last checkpoint (its weights are finite)")
         self.nonfinite_streak = self.nonfinite_streak + 1 if metrics["skipped_nonfinite"] else 0
         limit = self.config.learner.max_nonfinite_steps
         if self.nonfinite_streak >= limit:

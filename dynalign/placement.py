@@ -24,6 +24,7 @@ role, what it needs and what the cluster has, instead of leaving Ray pending for
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -394,3 +395,29 @@ class SleepingEnginesLearner:
 
     def __getattr__(self, name):
         return getattr(self._learner, name)
+
+
+def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
+    """A new local Ray cluster for this process, even when other Ray clusters run on the machine.
+
+    Ray's own helpers inside the cluster (Ray Train's state actor and placement-group cleaner) look
+    the cluster up by address=None: with two local clusters that finds both and fails ("Found
+    multiple active Ray instances"). The GCS port is chosen here so that every worker can be told
+    its own cluster's address through RAY_ADDRESS."""
+    import socket
+
+    import ray
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    previous = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node at start (ray._private.node)
+    try:
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}})
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = previous

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from dynalign.config import ConfigError
+from dynalign.config import ConfigError, writable_dir
 
 SECTION_KEYS = {
     "reward": ("reward_mean", "reward_min", "reward_max"),
@@ -588,8 +588,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     has_eval = (run_dir / "eval").is_dir() and any((run_dir / "eval").glob("*.json"))
     if not metrics and not has_eval:
         raise ConfigError(f"report {run_dir}: no metrics.jsonl and no eval results there; is it a run directory?")
-    out = Path(out_dir) if out_dir is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir("report --out", out_dir) if out_dir is not None else writable_dir("report RUN_DIR", run_dir / "report")
     for stale in out.glob("*.png"):  # figures of an earlier report that this one may not redraw
         stale.unlink()
     page = Page(out)

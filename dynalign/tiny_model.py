@@ -83,8 +83,14 @@ def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
     """Write model + tokenizer to ``path`` atomically (a temp dir renamed into place)."""
     target = Path(path)
     if target.exists():
-        if not overwrite and (target / "config.json").is_file():
-            return target
+        if (target / "config.json").is_file():
+            if not overwrite:
+                return target
+        elif not overwrite and target.is_dir() and any(target.iterdir()):  # not a model: only on request
+            from dynalign.config import ConfigError
+
+            raise ConfigError(f"make-tiny-model {target}: the directory holds files but no model; "
+                              "choose a new or empty directory, or give --overwrite")
         shutil.rmtree(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -12,10 +12,10 @@ import time
 
 import ray
 
-from dynalign.config import TrainConfig
+from dynalign.config import RunError, TrainConfig
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(RunError):
     pass
 
 

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Every process the suite starts (Ray, vLLM engines, runs in subprocesses, their children)
+# inherits this variable: what still carries it after the session is a leak.
+SESSION_MARK = "DYNALIGN_TEST_SESSION"
+os.environ[SESSION_MARK] = uuid.uuid4().hex
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,17 +32,32 @@ def tiny_model_path(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray per test module (starting Ray costs ~10 s). Not per session: tests that start
-    their own cluster (subprocess runs, a token-auth head) must not find a second one alive."""
+    """One local Ray for the whole session (starting one costs ~10 s), shut down at its end. It is
+    started the way `dynalign train` starts its own, with the cluster's address pinned in every
+    worker, so runs in subprocesses and other clusters started meanwhile never mistake one
+    cluster for another."""
     import ray
 
+    from dynalign.placement import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=6, runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING",
-                                                       "TOKENIZERS_PARALLELISM": "false"}})
+        start_local_ray(6, {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def rule_learning_run(ray_local, tiny_model_path, tmp_path_factory):
+    """One GRPO run with a rule reward (8 iterations, fixed seeds), shared: the learning test checks
+    its rewards and the evaluation test compares its policy with the initial model."""
+    from dynalign.driver import train
+
+    config = tiny_config(tiny_model_path, tmp_path_factory.mktemp("rule_learning") / "run", "judge.kind=rule",
+                         "iterations=8", "learner.lr=5e-3", "rollout.group_size=8", "data.prompts_per_iteration=8",
+                         "logging.report=true")
+    return config, train(config)
 
 
 def tiny_config(model_path: str, run_dir: Path, *overrides: str):
@@ -52,3 +74,39 @@ def repo_config(name: str, model_path: str, run_dir: Path, *overrides: str):
                         f"data.prompts_path={REPO / 'configs/prompts/smoke_prompts.jsonl'}",
                         f"judge.value_spec={REPO / 'configs/values/collective_agency.yaml'}",
                         "logging.progress=false", "logging.report=false", *overrides])
+
+
+def processes_marked(name: str, value: str) -> list[str]:
+    """'PID COMMAND' of each live process (not this one) whose environment holds ``name=value``."""
+    needle = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.append(f"{entry.name} {command[:120]}")
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
+def wait_for_no_processes(name: str, value: str, timeout_s: float = 30.0) -> list[str]:
+    """The processes marked ``name=value`` still alive after up to ``timeout_s`` (shutdowns take a moment)."""
+    deadline = time.monotonic() + timeout_s
+    while (left := processes_marked(name, value)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Fail the session if any process it started outlives it (orphaned engines hold GBs)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    left = wait_for_no_processes(SESSION_MARK, os.environ[SESSION_MARK])
+    if left:
+        print(f"\nleftover processes started by the test session ({len(left)}):\n  " + "\n  ".join(left))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -90,7 +90,12 @@ def test_section_given_a_scalar(tmp_path):
 def test_missing_and_invalid_yaml_files(tmp_path):
     assert error_of(tmp_path / "absent.yaml") == f"--config {tmp_path / 'absent.yaml'}: no such file"
     bad = write_yaml(tmp_path, "learner: [1, 2\n", "bad.yaml")
-    assert error_of(bad).startswith(f"--config {bad}: not valid YAML (")
+    assert error_of(bad) == f"--config {bad} line 2, column 1: did not find expected ',' or ']'"
+    duplicate = write_yaml(tmp_path, "iterations: 2\niterations: 3\n", "dup.yaml")
+    assert error_of(duplicate) == f"--config {duplicate} line 2, column 1: found duplicate key 'iterations'"
+    tab = write_yaml(tmp_path, "learner:\n\tlr: 1.0\n", "tab.yaml")
+    assert error_of(tab) == (f"--config {tab} line 2, column 1: found character that cannot start any token "
+                             "(a tab: indent with spaces)")
     listing = write_yaml(tmp_path, "- 1\n- 2\n", "list.yaml")
     assert error_of(listing) == f"--config {listing}: expected a mapping of options at the top level"
 
@@ -260,7 +265,7 @@ def fake_driver(monkeypatch):
     calls = []
     module = types.ModuleType("dynalign.driver")
 
-    def train(config, resume=None):
+    def train(config, resume=None, overwrite=False):
         calls.append((config, resume))
 
     module.train = train
@@ -304,11 +309,11 @@ def test_cli_train_bad_config_never_reaches_driver(fake_driver, capsys):
 def test_cli_train_file_not_found_is_one_line(monkeypatch, capsys):
     module = types.ModuleType("dynalign.driver")
 
-    def train(config, resume=None):
+    def train(config, resume=None, overwrite=False):
         raise FileNotFoundError(2, "No such file or directory", config.data.prompts_path)
 
     module.train = train
     monkeypatch.setitem(sys.modules, "dynalign.driver", module)
     assert cli.main(["train", "data.prompts_path=missing.jsonl"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "dynalign: error: missing.jsonl: No such file or directory"]
+        "dynalign: error: missing.jsonl: No such file or directory; check the path and its permissions"]

@@ -5,10 +5,12 @@ stack: a short GRPO run, vLLM engines in Ray actors, lm-eval on vLLM (CPU)."""
 from __future__ import annotations
 
 import json
+import os
 import string
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -281,17 +283,13 @@ def _check_table(table: dict, n: int) -> None:
 
 
 @pytest.mark.slow
-def test_trained_policy_vs_initial_model(ray_local, tiny_model_path, tmp_path):
-    """A short GRPO run's policy against the initial tiny model, judged by the initial model: sane
-    tables with intervals; swapping the two models mirrors the result exactly."""
-    from dynalign.driver import train
+def test_trained_policy_vs_initial_model(rule_learning_run, tiny_model_path, tmp_path):
+    """A GRPO run's policy (the shared rule-reward run) against the initial tiny model, judged by
+    the initial model: sane tables with intervals; swapping the two models mirrors the result exactly."""
     from dynalign.evaluate import EvalEngines, evaluate_value
     from dynalign.report import write_report
 
-    run_dir = tmp_path / "run"
-    config = tiny_config(tiny_model_path, run_dir, "judge.kind=rule", "iterations=3", "learner.lr=1e-2",
-                         "rollout.group_size=8", "data.prompts_per_iteration=8", "logging.report=true")
-    train(config)
+    run_dir = Path(rule_learning_run[0].run_dir)
     assert (run_dir / "report" / "index.html").is_file()  # train() writes the run report
 
     # 20 held-out prompts (5 per pillar) and one training prompt that must be dropped.
@@ -347,16 +345,21 @@ def _normalise(text: str) -> str:
 
 
 @pytest.mark.slow
-def test_lm_eval_bridge_runs_local_tasks_on_cpu(tiny_model_path, tmp_path, capsys):
+def test_lm_eval_bridge_runs_local_tasks_on_cpu(tiny_model_path, tmp_path, capsys, monkeypatch):
     """`dynalign eval --tasks` runs lm-eval (vllm model type, on CPU) on the local exact-match and
-    multiple-choice tasks; the reported exact match is what the logged answers give."""
+    multiple-choice tasks; the reported exact match is what the logged answers give. No process of
+    the lm-eval child (its vLLM engine core and worker included) outlives the command."""
     pytest.importorskip("lm_eval")
     from dynalign.cli import main
     from dynalign.harness import HarnessError, run_harness
+    from tests.conftest import processes_marked
 
     out = tmp_path / "eval"
+    marker = ("DYNALIGN_TEST_CASE", f"lm-eval-{os.getpid()}-{time.time_ns()}")  # inherited by the child's processes
+    monkeypatch.setenv(*marker)
     assert main(["eval", "--policy", tiny_model_path, "--tasks", "dynalign_exact,dynalign_choice", "--out", str(out),
                  f"eval.harness_include_path={TASKS}"]) == 0
+    assert processes_marked(*marker) == []  # gone at once: stopped with their process group, not later
     assert "| dynalign_exact | exact_match |" in capsys.readouterr().out
     result = json.loads((out / "harness.json").read_text())
     assert result["n_samples"]["policy"] == {"dynalign_exact": 16, "dynalign_choice": 16}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -74,6 +75,12 @@ def test_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_path, tm
         assert learner.logprobs(fresh_samples) == before
         with pytest.raises(LearnerError, match=r"NaN or infinite in 3 steps in a row \(learner.max_nonfinite_steps = 3\)"):
             learner.train_step(poisoned)
+
+        # A finite loss can still overflow the gradient norm (advantages of 1e30): the run stops at
+        # once, in one line, instead of stepping on and saving a broken policy.
+        overflowing = [dataclasses.replace(s, advantage=1e30) for s in fresh_samples]
+        with pytest.raises(LearnerError, match=r"^the weights or the gradient norm \(grad norm \S+\) went NaN or infinite"):
+            learner.train_step(overflowing)
     finally:
         learner.shutdown()
         rollout.shutdown()
@@ -85,15 +92,12 @@ def _with_zero_rewards(groups):
     return groups
 
 
-def test_rule_reward_learning_doubles(ray_local, tiny_model_path, tmp_path):
+def test_rule_reward_learning_doubles(rule_learning_run):
     """GRPO learns: with a rule reward and fixed seeds, the last two iterations' mean reward is at
     least double the first iteration's. Also: ratio 1 on each iteration's first micro-step."""
-    from dynalign.driver import train
     from dynalign.metrics import read_metrics
 
-    config = tiny_config(tiny_model_path, tmp_path / "run", "judge.kind=rule", "iterations=8", "learner.lr=5e-3",
-                         "rollout.group_size=8", "data.prompts_per_iteration=8")
-    summary = train(config)
+    config, summary = rule_learning_run
     metrics = read_metrics(config.run_dir)
     rewards = [m["reward_mean"] for m in metrics]
     first, last_two = rewards[0], sum(rewards[-2:]) / 2
@@ -106,22 +110,43 @@ def test_rule_reward_learning_doubles(ray_local, tiny_model_path, tmp_path):
         assert m["learner.engine_gap_max_abs"] < 0.05  # every sync landed
         assert m["sync_bytes"] > 0
     assert summary["reward_mean_per_iteration"] == rewards
-    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((Path(config.run_dir) / "tensorboard").glob("events.out.tfevents.*"))
 
 
-def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, capsys):
-    """The smoke job, as `dynalign train` runs it: the policy judges itself (logprob mode), two
-    iterations, the final policy saved in Hugging Face format."""
+def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, capsys, monkeypatch):
+    """The smoke job, as `dynalign train` runs it: the policy judges itself (logprob mode, on the
+    shared rollout engine), two iterations, the final policy saved in Hugging Face format. No
+    judge-only engine is started, the sync targets the rollout engine only, and the judge metrics
+    reach metrics.jsonl and TensorBoard."""
+    from ray.util.state import list_actors
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
+    from dynalign import driver
     from dynalign.cli import main
+    from tests.conftest import REPO
+
+    synced = {}
+
+    class SpySync(driver.WeightSync):
+        def __init__(self, config, engines, names):
+            synced["names"] = list(names)
+            super().__init__(config, engines, names)
+    monkeypatch.setattr(driver, "WeightSync", SpySync)
+
+    def judge_actors():
+        return len(list_actors(address=ray_local.get_runtime_context().gcs_address,
+                               filters=[("class_name", "=", "JudgeWorker")], limit=1000))
+    judge_actors_before = judge_actors()
 
     run_dir = tmp_path / "smoke"
     config = tiny_config(tiny_model_path, run_dir)
+    assert config.judge.kind == "policy" and config.judge.engine == "shared" and config.judge.mode == "logprob"
     overrides = [f"model.path={config.model.path}", f"run_dir={run_dir}", f"data.prompts_path={config.data.prompts_path}",
                  f"judge.value_spec={config.judge.value_spec}", "logging.progress=false"]
-    from tests.conftest import REPO
     assert main(["train", "--config", str(REPO / "configs/smoke.yaml"), *overrides]) == 0
+    assert judge_actors() == judge_actors_before
+    assert synced["names"] == ["rollout-0"]
     out = capsys.readouterr().out
     assert "dynalign run summary" in out
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -134,6 +159,37 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert model.config.vocab_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 2
+
+    keys = ["judge.parse_failure_rate", "judge.invalid_rate", "judge.within_group_std", "judge.tied_group_share",
+            "judge.length_spearman", "judge.repeat_exact_agreement", "judge.score_hist.0", "judge.score_hist.5",
+            "judge.judgements", "judge.errors"]
+    for m in metrics:
+        for key in keys:
+            assert key in m, key
+        assert m["judge.invalid_rate"] == 0.0 and m["judge.parse_failure_rate"] == 0.0
+        assert sum(m[f"judge.score_hist.{v}"] for v in range(6)) == m["judge.candidates"]
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"histograms": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("judge/parse_failure_rate", "judge/within_group_std", "judge/score_hist.3", "judge/invalid_rate"):
+        assert tag in tags["scalars"], tag
+    assert "judge/scores" in tags["histograms"]
+    print("judge metrics, last iteration: " + ", ".join(f"{k} {metrics[-1][k]:.3f}" for k in keys))
+
+    # Nothing lost: failing runs into the same run_dir (a wrong prompts file; no --resume or
+    # --overwrite) are refused in one line and leave the finished run as it was.
+    from tests.test_errors import _snapshot
+    before = _snapshot(run_dir)
+    capsys.readouterr()  # drop what loading the policy above printed
+    smoke = str(REPO / "configs/smoke.yaml")
+    assert main(["train", "--config", smoke, *overrides, f"data.prompts_path={run_dir / 'typo.jsonl'}"]) == 2
+    assert main(["train", "--config", smoke, *overrides]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "typo.jsonl': no such file" in err[0] and "holds a run" in err[1]
+    assert _snapshot(run_dir) == before
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report" / "index.html").read_text()
+    assert "<td>iterations logged</td><td>2</td>" in page
 
 
 def test_all_groups_tied_warns_and_the_update_is_a_no_op(ray_local, tiny_model_path, tmp_path, capfd):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -253,7 +254,7 @@ def test_shipped_value_specs_load_with_seeds(name):
      "'seeds.examples' must be a list of non-empty strings"),
     ("name: X\ndescription: d\npillars: [{name: a, description: b}]\nseeds: {domain: [a]}\n",
      "unknown key 'seeds.domain'; known: domains, scenario_kinds, examples"),
-    ("name: X\npillars: [{name: a, description: b}\n", "not valid YAML ("),
+    ("name: X\npillars: [{name: a, description: b}\n", "line 3, column 1: did not find expected"),
 ])
 def test_malformed_value_spec_is_one_line_error(tmp_path, text, message):
     path = tmp_path / "spec.yaml"
@@ -262,7 +263,7 @@ def test_malformed_value_spec_is_one_line_error(tmp_path, text, message):
         load_spec(path)
     assert message in str(info.value) and str(path) in str(info.value)
     assert "\n" not in str(info.value)
-    if "seeds" not in message and "YAML" not in message:  # the judge's own loader says the same
+    if "seeds" not in message and "line 3" not in message:  # the judge's own loader says the same
         with pytest.raises(ConfigError, match="^value spec "):
             ValueSpec.load(path)
 
@@ -696,7 +697,8 @@ def test_generate_through_an_openai_endpoint_served_by_vllm(tiny_model_path, tmp
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
     server = subprocess.Popen([*VLLM_CLI, "serve", tiny_model_path, "--host", "127.0.0.1", "--port", str(port),
                                "--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16",
-                               "--served-model-name", "tiny"], stdout=log, stderr=subprocess.STDOUT, env=env)
+                               "--served-model-name", "tiny"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                              start_new_session=True)
     try:
         started, healthy = time.perf_counter(), False
         while time.perf_counter() - started < 150 and server.poll() is None:
@@ -724,8 +726,12 @@ def test_generate_through_an_openai_endpoint_served_by_vllm(tiny_model_path, tmp
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+            pass
+        try:  # the API server's engine process too
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait()
         log.close()
     print(f"vllm serve healthy after {startup:.1f} s")
     for iteration, (rows, stats) in enumerate(results):

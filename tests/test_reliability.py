@@ -64,11 +64,16 @@ def _assert_same_run(run_dir: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def straight_run(tiny_model_path, tmp_path_factory) -> Path:
-    """The uninterrupted run the interrupted one must reproduce exactly."""
+def straight_run(ray_local, tiny_model_path, tmp_path_factory) -> Path:
+    """The uninterrupted run the interrupted one must reproduce exactly. It trains while another
+    local Ray (``ray_local``, this process's) is up, as two experiments side by side would: the
+    run must see neither error nor noise from the other cluster."""
     straight = tmp_path_factory.mktemp("straight") / "run"
-    subprocess.run(_train_command(tiny_model_path, straight), env=_env(), cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    ran = subprocess.run(_train_command(tiny_model_path, straight), env=_env(), cwd=REPO, capture_output=True,
+                         text=True, timeout=900)
+    output = ran.stdout + ran.stderr
+    assert ran.returncode == 0, output[-3000:]
+    assert "multiple active Ray instances" not in output and "Traceback" not in output, output[-3000:]
     return straight
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from dynalign import cli
+from dynalign.config import ConfigError
 from dynalign.tiny_model import make_tiny_model
 
 
@@ -111,12 +113,16 @@ def test_overwrite_replaces_and_seed_changes_weights(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-def test_incomplete_directory_is_rebuilt(tmp_path):
+def test_directory_without_a_model_is_kept_unless_overwrite(tmp_path):
+    """A directory of other files is someone's data: refused in one line, replaced only on request."""
     target = tmp_path / "m"
     target.mkdir()
-    (target / "junk.txt").write_text("left over from an interrupted run")
-    make_tiny_model(target)
-    assert (target / "config.json").is_file() and not (target / "junk.txt").exists()
+    (target / "notes.txt").write_text("not a model")
+    with pytest.raises(ConfigError, match=r"the directory holds files but no model; .* or give --overwrite$"):
+        make_tiny_model(target)
+    assert (target / "notes.txt").read_text() == "not a model"
+    make_tiny_model(target, overwrite=True)
+    assert (target / "config.json").is_file() and not (target / "notes.txt").exists()
 
 
 def test_cli_make_tiny_model(tmp_path, capsys):
@@ -177,11 +183,17 @@ def test_vllm_serves_tiny_model(tiny_model_dir, tmp_path):
     script.write_text(VLLM_SCRIPT)
     out = tmp_path / "out.json"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tiny_model_dir), str(out)],
-        env=env, capture_output=True, text=True, timeout=540,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir), str(out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=540)
+    finally:  # vLLM's engine process with it, however the script ended
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
     result = json.loads(out.read_text())
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
