@@ -429,7 +429,9 @@ def test_submit_smoke_with_token_auth(token_head, tiny_model_path, tmp_path):
 
     # An impossible request fails fast with the one-line message, inside the job.
     started = time.perf_counter()
-    bad = _dynalign(with_token, *submit_args, "rollout.num_gpus_per_worker=1", "--follow", timeout=600)
+    # (Into a run_dir of its own: the first job's run is whole there, and `train` refuses to replace it.)
+    bad = _dynalign(with_token, *submit_args, f"run_dir={tmp_path / 'impossible'}", "rollout.num_gpus_per_worker=1",
+                    "--follow", timeout=600)
     seconds = time.perf_counter() - started
     print(f"impossible request: FAILED after {seconds:.0f} s (job start included)")
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
