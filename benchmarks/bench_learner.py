@@ -145,6 +145,7 @@ def run(quick: bool = False) -> dict:
     model_path, config = tiny_batch_config("learner", prompts_n, group, new_tokens)
     one_rank = copy.deepcopy(config)
     one_rank.learner.num_ranks, one_rank.learner.num_cpus_per_rank = 1, 1.0
+    one_rank.learner.threads_per_rank = 1  # one core against plain torch's one thread
     learner_cfg = config.learner
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     prompts = [text for _, text in load_prompts(config).take(prompts_n)]

@@ -144,6 +144,7 @@ class LearnerConfig:
     max_refill_rounds: int = opt(2, "Extra generation rounds to refill dropped groups before training on what is left.", min=0)
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     num_cpus_per_rank: float = opt(0.5, "CPUs Ray reserves per learner rank.", min=0.0)
+    threads_per_rank: int = opt(0, "torch CPU threads of a learner rank; 0: the cores of its node shared evenly among the ranks there (one rank on a 2-core node uses both). Shown as learner.threads.", min=0)
     num_gpus_per_rank: float = opt(0.0, "GPUs per learner rank (1 on GPU clusters).", min=0.0)
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places learner ranks across nodes.")
     resources_per_rank: dict = opt({}, "Extra custom Ray resources per learner rank, e.g. {learner_node: 1}.")

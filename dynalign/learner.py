@@ -272,6 +272,7 @@ class PolicyTrainer:
             bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in self.engine.module.parameters())
         summary["nonfinite_weights"] = 0.0 if _all_ranks_agree(finite) else 1.0
         summary["step_seconds"] = time.perf_counter() - started
+        summary["threads"] = float(torch.get_num_threads())
         summary["tokens"] = float(sum(len(s.prompt_token_ids) + len(s.completion_token_ids)
                                       for mini in mini_batches for s in mini[self.rank::self.world_size]))
         return summary
@@ -396,6 +397,15 @@ def _group_token() -> str:
     return token[0]
 
 
+def rank_threads(configured: int, ranks_on_node: int, cores: int | None = None) -> int:
+    """torch threads for one learner rank: ``configured``, or this node's cores (the ones this
+    process may run on) shared evenly among the ranks on the node, at least one."""
+    if configured > 0:
+        return configured
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, ranks_on_node))
+
+
 def _rank_main(loop_config: dict) -> None:
     """Ray Train's per-worker function: build the trainer, then serve the driver's commands."""
     import torch.distributed as dist
@@ -403,7 +413,9 @@ def _rank_main(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     channel = loop_config["channel"]
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    # Not OMP_NUM_THREADS: Ray sets it from the rank's CPU reservation (0.5 -> 1 thread), which
+    # left one of two cores idle through a one-rank step.
+    torch.set_num_threads(rank_threads(loop_config["config"].learner.threads_per_rank, context.get_local_world_size()))
     token = _group_token()
     ray.get(channel.join.remote(rank, token))
     trainer = None

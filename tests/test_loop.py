@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -195,13 +196,15 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
 def test_all_groups_tied_warns_and_the_update_is_a_no_op(ray_local, tiny_model_path, tmp_path, capfd):
     """Every group's rewards tie (one-token answers under the length rule all score 1): the driver
     drops and refills them for max_refill_rounds, then warns in one line, logs tied_group_share = 1
-    and trains on zero advantages (no gradient), and the run goes on to the next iteration."""
+    and trains on zero advantages (no gradient), and the run goes on to the next iteration. Its one
+    learner rank runs as many torch threads as the machine has cores (learner.threads)."""
     from dynalign.driver import train
     from dynalign.metrics import read_metrics
 
     config = tiny_config(tiny_model_path, tmp_path / "run", "judge.kind=rule", "judge.rule=length",
                          "rollout.max_new_tokens=1", "iterations=2", "learner.max_refill_rounds=1",
-                         "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.tensorboard=false")
+                         "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.tensorboard=false",
+                         "learner.num_ranks=1")
     train(config)
     err = capfd.readouterr().err
     for iteration in (0, 1):
@@ -214,3 +217,4 @@ def test_all_groups_tied_warns_and_the_update_is_a_no_op(ray_local, tiny_model_p
         assert m["reward_min"] == m["reward_max"] == 1.0
         assert m["learner.grad_norm"] == 0.0  # zero advantages: nothing to learn
         assert m["learner.skipped_nonfinite"] == 0.0
+        assert m["learner.threads"] == len(os.sched_getaffinity(0))  # one rank uses every core, not 1 of 2

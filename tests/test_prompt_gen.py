@@ -755,7 +755,8 @@ def test_train_with_generation_enabled(ray_local, tiny_model_path, tmp_path):
     config = tiny_config(tiny_model_path, run_dir, "judge.kind=rule", "iterations=2", "rollout.max_model_len=1024",
                          "generation.enabled=true", "generation.requests_per_iteration=4",
                          "generation.prompts_per_request=4", "generation.examples_per_request=2",
-                         "generation.max_new_tokens=48", "generation.min_words=1")
+                         "generation.max_new_tokens=48", "generation.min_words=1",
+                         "learner.num_ranks=1")  # the learner is not what this test is about
     train(config)
     metrics = read_metrics(run_dir)
     store = PromptStore(run_dir / "prompts")

@@ -1,0 +1,19 @@
+"""Threads per learner rank: the cores of a node shared among its ranks, not Ray's CPU reservation."""
+
+from __future__ import annotations
+
+import os
+
+from dynalign.learner import rank_threads
+
+
+def test_the_node_cores_are_shared_evenly_among_its_ranks():
+    assert rank_threads(0, ranks_on_node=1, cores=2) == 2  # one rank on a 2-core machine: both cores
+    assert rank_threads(0, ranks_on_node=2, cores=2) == 1
+    assert rank_threads(0, ranks_on_node=3, cores=8) == 2
+    assert rank_threads(0, ranks_on_node=4, cores=2) == 1  # oversubscribed: never zero
+
+
+def test_a_configured_count_wins_and_the_default_reads_this_process_cores():
+    assert rank_threads(3, ranks_on_node=2, cores=2) == 3
+    assert rank_threads(0, ranks_on_node=1) == len(os.sched_getaffinity(0))
