@@ -76,8 +76,14 @@ def repo_config(name: str, model_path: str, run_dir: Path, *overrides: str):
                         "logging.progress=false", "logging.report=false", *overrides])
 
 
+# Python's own helpers of this process (multiprocessing's resource tracker, its fork server): they
+# end when this interpreter does, so they are not left behind.
+OWN_HELPERS = ("from multiprocessing.resource_tracker import main", "from multiprocessing.forkserver import main")
+
+
 def processes_marked(name: str, value: str) -> list[str]:
-    """'PID COMMAND' of each live process (not this one) whose environment holds ``name=value``."""
+    """'PID COMMAND' of each live process (not this one, nor its interpreter helpers) whose
+    environment holds ``name=value``."""
     needle = f"{name}={value}".encode()
     found = []
     for entry in Path("/proc").iterdir():
@@ -86,6 +92,9 @@ def processes_marked(name: str, value: str) -> list[str]:
         try:
             if needle in (entry / "environ").read_bytes().split(b"\0"):
                 command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if parent == os.getpid() and any(helper in command for helper in OWN_HELPERS):
+                    continue
                 found.append(f"{entry.name} {command[:120]}")
         except OSError:  # gone meanwhile, or not ours to read
             continue
