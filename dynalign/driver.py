@@ -59,9 +59,23 @@ class System:
 
         if config.cluster.check_resources:  # one line naming the role that cannot fit, not a hang
             placement.check_fits(config)
-        rollout = RolloutPool(config)
-        judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
-        learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train")
+        # The learner ranks start (imports, process group, DeepSpeed) while the engines load: most
+        # of either start-up is waiting. Not when engines and learner share accelerators
+        # (sleep_while_learning): vLLM sizes its KV cache from the memory free at its start.
+        learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train",
+                               wait=config.rollout.sleep_while_learning)
+        rollout = judge = None
+        try:
+            rollout = RolloutPool(config)
+            judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
+            if not learner.infos:
+                learner.wait_ready()
+        except BaseException:
+            learner.kill()  # not a graceful stop: its ranks may still be starting
+            for role in (judge, rollout):
+                if role is not None:
+                    role.shutdown()
+            raise
         engines = rollout.workers + judge.synced_workers  # + judge engines only for a dedicated policy judge
         if config.rollout.sleep_while_learning:
             learner = placement.SleepingEnginesLearner(learner, engines)

@@ -478,12 +478,20 @@ def _fit(config: TrainConfig, channel, storage_path: str) -> None:
 class LearnerGroup:
     """Driver-side handle: every method is one command run on all ranks."""
 
-    def __init__(self, config: TrainConfig, storage_path: str | os.PathLike):
+    def __init__(self, config: TrainConfig, storage_path: str | os.PathLike, wait: bool = True):
+        """Starts the ranks; with ``wait=False`` returns at once (call ``wait_ready`` before use),
+        so the caller can start other roles while the ranks import, join and build DeepSpeed."""
         self.config = config
         self.channel = CommandChannel.remote(config.learner.num_ranks)
         storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
         self.fit_ref = _fit.remote(config, self.channel, storage)
         self.nonfinite_streak = 0
+        self.infos: list[dict] = []
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every rank has built its model and answered."""
         self.infos = self.call("ping")
 
     def call(self, name: str, *args, timeout_s: float | None = None) -> list[Any]:
@@ -556,4 +564,10 @@ class LearnerGroup:
             ray.get(self.fit_ref, timeout=60)
         except Exception:
             pass
+        ray.kill(self.channel)
+
+    def kill(self) -> None:
+        """Tear the group down at once, wherever its start-up stands (Ray Train's controller and
+        ranks are owned by the fit task and die with it)."""
+        ray.cancel(self.fit_ref, force=True)
         ray.kill(self.channel)
