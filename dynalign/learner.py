@@ -224,13 +224,15 @@ class PolicyTrainer:
                                      for mbs in local_micro[1:]]
         self.engine.module.train()
 
-        # A NaN or infinite input (advantage, engine or behaviour log-prob) would poison the
-        # weights: every rank checks its share and all ranks skip the step together.
+        # A NaN or infinite input (an advantage, an engine log-prob) would poison the weights:
+        # every rank checks its share and all ranks skip the step together.
         finite = all(bool(torch.isfinite(b.advantages).all()) and bool(torch.isfinite(b.engine_logprobs).all())
                      for mbs in local_micro for b in mbs)
-        finite = finite and all(bool(torch.isfinite(x).all()) for mbs in old_logprobs[1:] for x in mbs)
         if not _all_ranks_agree(finite):
             return {"skipped_nonfinite": 1.0, "nonfinite_forward": 0.0, "step_seconds": 0.0, "tokens": 0.0}
+        finite = all(bool(torch.isfinite(x).all()) for mbs in old_logprobs[1:] for x in mbs)
+        if not _all_ranks_agree(finite):  # the weights themselves give NaN: no step can help
+            return {"skipped_nonfinite": 0.0, "nonfinite_forward": 1.0, "step_seconds": 0.0, "tokens": 0.0}
 
         normalizers = [grpo.LossNormalizer(mode=learner.loss_agg, num_sequences=len(mini),
                                            num_tokens=sum(len(s.completion_token_ids) for s in mini),

@@ -15,7 +15,7 @@ from dynalign.batch import Sample, pad_samples, padding_fraction, rank_micro_bat
 def _samples(vocab: int, count: int = 12, seed: int = 0) -> list[Sample]:
     rng = random.Random(seed)
     samples = []
-    for i in range(count):
+    for _ in range(count):
         prompt = [rng.randrange(3, vocab) for _ in range(rng.randint(4, 12))]
         completion = [rng.randrange(3, vocab) for _ in range(rng.choice([2, 3, 20, 28]))]
         samples.append(Sample(prompt_token_ids=prompt, completion_token_ids=completion,

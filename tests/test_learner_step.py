@@ -46,7 +46,8 @@ def _samples(tokenizer, count: int) -> list:
 def test_several_updates_with_a_reference_model(process_group, tiny_model_path, tmp_path):
     """updates_per_iteration = 2 and beta > 0: the second mini-batch's behaviour log-probs come
     from the weights before the first update (its ratio moves off 1), the reference model's KL is
-    0 before any update and positive after it, and non-finite behaviour inputs skip the step."""
+    0 before any update and positive after it; non-finite inputs skip the step, a non-finite
+    forward pass is reported (the driver then stops the run in one line)."""
     from dynalign.learner import PolicyTrainer
 
     config = tiny_config(tiny_model_path, tmp_path / "run", "learner.num_ranks=1", "learner.updates_per_iteration=2",
@@ -69,3 +70,13 @@ def test_several_updates_with_a_reference_model(process_group, tiny_model_path, 
     poisoned = [dataclasses.replace(s, engine_logprobs=[float("nan")] * len(s.completion_token_ids)) for s in samples]
     assert trainer.train_step(poisoned)["skipped_nonfinite"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(weights, trainer.engine.module.parameters()))
+
+    # Finite inputs, a forward pass that overflows (NaN weights): reported before any backward,
+    # by the behaviour log-prob pass here, by the training forward with one update.
+    with torch.no_grad():
+        trainer.engine.module.get_input_embeddings().weight.fill_(float("nan"))
+    broken = trainer.train_step(samples)
+    assert broken["nonfinite_forward"] == 1.0 and broken["skipped_nonfinite"] == 0.0
+    trainer.config.learner.updates_per_iteration = 1  # the same micro-batches per update (4 samples, 2 x 2)
+    broken = trainer.train_step(samples[:4])
+    assert broken["nonfinite_forward"] == 1.0 and broken["skipped_nonfinite"] == 0.0

@@ -82,10 +82,6 @@ def test_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_path, tm
         overflowing = [dataclasses.replace(s, advantage=1e30) for s in fresh_samples]
         with pytest.raises(LearnerError, match=r"^the weights or the gradient norm \(grad norm \S+\) went NaN or infinite"):
             learner.train_step(overflowing)
-        # Those weights now overflow the forward pass on finite inputs: every rank stops before any
-        # backward, with the one-line reason.
-        with pytest.raises(LearnerError, match=r"^the policy's forward pass gave a NaN or infinite loss on finite inputs"):
-            learner.train_step(fresh_samples)
     finally:
         learner.shutdown()
         rollout.shutdown()

