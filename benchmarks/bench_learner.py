@@ -99,7 +99,7 @@ def plain_trainer(config, tokenizer, model_path: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dynalign.learner import PolicyTrainer
+    from dynalign.learner import PolicyTrainer, accepts_logits_to_keep
 
     trainer = object.__new__(PolicyTrainer)
     trainer.config, trainer.rank, trainer.world_size = config, 0, 1
@@ -108,6 +108,7 @@ def plain_trainer(config, tokenizer, model_path: str):
     trainer.grad_accum_steps = samples // config.learner.micro_batch_size
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     trainer.engine = PlainEngine(model, config, trainer.grad_accum_steps)
+    trainer.keeps_logits = accepts_logits_to_keep(model)
     return trainer
 
 

@@ -115,6 +115,12 @@ CommandChannel = ray.remote(num_cpus=0)(Channel)  # the actor the driver and the
 _SUMMED_METRICS = ("loss", "tokens")
 
 
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward can compute logits for the last positions only (transformers'
+    causal LMs can; a remote-code model may not)."""
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def _all_ranks_agree(flag: bool) -> bool:
     """True only if ``flag`` is true on every rank."""
     import torch.distributed as dist
@@ -178,7 +184,7 @@ class PolicyTrainer:
         if learner.beta > 0:
             self.reference = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32).eval()
             self.reference.requires_grad_(False)
-        self.keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.keeps_logits = accepts_logits_to_keep(model)
 
     # -- log-probs ------------------------------------------------------------------------------
     def _sequence_logprobs(self, model, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
