@@ -56,11 +56,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh in a run_dir that holds a run (its logs and checkpoints are deleted)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the libraries' own output (Ray, vLLM, DeepSpeed, transformers) on the console "
+                        "(logging.verbose=true); otherwise it goes to run_dir/logs/ray")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
+    config.logging.verbose = config.logging.verbose or args.verbose
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: choose one (continue the run in run_dir, or replace it)")
     from dynalign.driver import train  # heavy: Ray, vLLM, DeepSpeed

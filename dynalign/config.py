@@ -188,6 +188,7 @@ class LoggingConfig:
     progress: bool = opt(True, "Show a tqdm progress bar over iterations.")
     log_samples: int = opt(2, "Candidate answers (with scores) written to samples.jsonl per iteration.", min=0)
     report: bool = opt(True, "Write the run report (plots and tables, run_dir/report/index.html) when the run ends.")
+    verbose: bool = opt(False, "Show Ray's, vLLM's, DeepSpeed's and transformers' own output on the console (`train --verbose`); otherwise it stays in the Ray session logs, linked as run_dir/logs/ray.")
 
 
 @dataclass

@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from dynalign.judge import (
 )
 from dynalign.learner import LearnerGroup, LearnerRestarted
 from dynalign.metrics import MetricsLogger, Timings, read_metrics
+from dynalign.placement import link_ray_logs, quiet_ray_options, start_local_ray
 from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
@@ -103,7 +105,16 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     prepare_run_dir(run_dir, fresh=resume_from is None, overwrite=overwrite)
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     init_ray(config)
+    if not config.logging.verbose and (logs := link_ray_logs(run_dir)):
+        print(f"dynalign: library output (Ray, vLLM, DeepSpeed) goes to {logs} (--verbose shows it here)", flush=True)
+    started = time.perf_counter()
+    judges = judge_actor_count(config)
+    judge_where = (f"{judges} engine(s) of its own" if judges else
+                   "the rollout engines" if config.judge.kind == "policy" else f"kind {config.judge.kind}")
+    print(f"dynalign: starting {config.rollout.num_workers} rollout engine(s) and {config.learner.num_ranks} learner "
+          f"rank(s); the judge runs on {judge_where}", flush=True)
     system = System.start(config, run_dir)
+    print(f"dynalign: started in {time.perf_counter() - started:.0f} s", flush=True)
     stop = GracefulStop()
     history: dict[int, dict] = {}
     source = PromptSource(config, prompts)
@@ -374,7 +385,7 @@ def init_ray(config: TrainConfig) -> None:
     if address and not address.startswith(("http://", "https://")):
         from dynalign.submit import driver_runtime_env
 
-        ray.init(address=address, runtime_env=driver_runtime_env(env), log_to_driver=True)
+        ray.init(address=address, runtime_env=driver_runtime_env(env), **quiet_ray_options(not config.logging.verbose))
         return
     # Logical CPUs: tiny CPU runs oversubscribe the cores on purpose (engines idle while the learner steps).
     needed = (config.rollout.num_workers * config.rollout.num_cpus_per_worker
@@ -383,9 +394,7 @@ def init_ray(config: TrainConfig) -> None:
               + (sum(g.source == "vllm" for g in config.generation.generators) * config.rollout.num_cpus_per_worker
                  if config.generation.enabled else 0))
     num_cpus = config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    from dynalign.placement import start_local_ray
-
-    start_local_ray(num_cpus, env["env_vars"])  # a new local cluster, even if another Ray runs here
+    start_local_ray(num_cpus, env["env_vars"], quiet=not config.logging.verbose)  # a new local cluster, even if another Ray runs here
 
 
 def summarize(history: list[dict], run_dir: Path) -> dict:

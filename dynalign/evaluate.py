@@ -566,13 +566,15 @@ def init_ray(config: TrainConfig) -> bool:
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
                         "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
     address = config.cluster.address or os.environ.get("RAY_ADDRESS", "").strip() or None
-    if address:
-        ray.init(address=address, runtime_env=env)
-    else:
-        from dynalign.placement import start_local_ray
+    from dynalign.placement import quiet_ray_options, start_local_ray
 
+    quiet = not config.logging.verbose  # the engines' own output stays in Ray's session logs
+    if address:
+        ray.init(address=address, runtime_env=env, **quiet_ray_options(quiet))
+    else:
         needed = 3 * max(config.rollout.num_cpus_per_worker, 1.0)
-        start_local_ray(config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed)), env["env_vars"])
+        start_local_ray(config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed)), env["env_vars"],
+                        quiet=quiet)
     return True
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dynalign.config import ConfigError, TrainConfig
@@ -397,7 +398,33 @@ class SleepingEnginesLearner:
         return getattr(self._learner, name)
 
 
-def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
+def quiet_ray_options(quiet: bool) -> dict:
+    """ray.init options that keep the actors' output (vLLM, DeepSpeed, transformers) and Ray's own
+    notices off the console; it stays in the session's log files (``link_ray_logs``). A role
+    that fails still reaches the console: its error (and a rank's traceback) travels back to the
+    driver with the failed call."""
+    import logging
+
+    return {"log_to_driver": False, "logging_level": logging.ERROR} if quiet else {}
+
+
+def link_ray_logs(run_dir: Path) -> Path | None:
+    """run_dir/logs/ray -> this Ray session's log directory (every actor's stdout and stderr)."""
+    import ray
+
+    try:
+        target = Path(ray._private.worker._global_node.get_logs_dir_path())  # no public API for it
+    except Exception:
+        return None
+    link = Path(run_dir) / "logs" / "ray"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target, target_is_directory=True)
+    return link
+
+
+def start_local_ray(num_cpus: int, env_vars: dict[str, str], quiet: bool = False) -> None:
     """A new local Ray cluster for this process, even when other Ray clusters run on the machine.
 
     Ray's own helpers inside the cluster (Ray Train's state actor and placement-group cleaner) look
@@ -415,7 +442,8 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str]) -> None:
     previous = os.environ.get("RAY_GCS_SERVER_PORT")
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node at start (ray._private.node)
     try:
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}})
+        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}},
+                 **quiet_ray_options(quiet))
     finally:
         if previous is None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)

@@ -74,6 +74,10 @@ def straight_run(ray_local, tiny_model_path, tmp_path_factory) -> Path:
     output = ran.stdout + ran.stderr
     assert ran.returncode == 0, output[-3000:]
     assert "multiple active Ray instances" not in output and "Traceback" not in output, output[-3000:]
+    # A quiet console: dynalign's own lines, not the actors' (they are in the linked Ray logs).
+    assert len(output.splitlines()) < 60 and "pid=" not in output and "WARNING" not in output, output[-3000:]
+    logs = straight / "logs" / "ray"
+    assert logs.is_symlink() and any(logs.glob("worker-*.err")), "the libraries' output must be kept"
     return straight
 
 
