@@ -87,6 +87,11 @@ class System:
         judge.restore_weights = weight_sync.restore if judge_engines_synced(config) else None
         return cls(rollout, judge, learner, weight_sync)
 
+    def placement(self) -> dict:
+        """Where each role's processes run (Ray node id, pid), as ``run_dir/placement.json`` keeps it."""
+        own_judges = [info for info in self.judge.infos if info not in self.rollout.infos]
+        return {"rollout": self.rollout.infos, "judge": own_judges, "learner": self.learner.infos}
+
     def shutdown(self) -> None:
         self.learner.shutdown()
         self.rollout.shutdown()
@@ -115,6 +120,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
           f"rank(s); the judge runs on {judge_where}", flush=True)
     system = System.start(config, run_dir)
     print(f"dynalign: started in {time.perf_counter() - started:.0f} s", flush=True)
+    atomic_write_text(run_dir / "placement.json", json.dumps(system.placement(), indent=2))
     stop = GracefulStop()
     history: dict[int, dict] = {}
     source = PromptSource(config, prompts)

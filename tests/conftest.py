@@ -113,6 +113,9 @@ def pytest_sessionfinish(session, exitstatus):
     """Fail the session if any process it started outlives it (orphaned engines hold GBs)."""
     import ray
 
+    if session.config.pluginmanager.hasplugin("dsession"):
+        return  # pytest -n: this is the controller; each worker checks what it started (its own mark)
+
     if ray.is_initialized():
         ray.shutdown()
     left = wait_for_no_processes(SESSION_MARK, os.environ[SESSION_MARK])

@@ -1,9 +1,9 @@
 """Running on a Ray cluster: the fit check and placement (dynalign/placement.py), job submission
 with token authentication (dynalign/submit.py), the GPU configs.
 
-Fast tests check the pure parts against simulated nodes. The slow ones start real Ray: a head with
-token auth on loopback that `dynalign submit` sends the smoke run to, and a four-node cluster on
-this machine (``ray.cluster_utils.Cluster``) where the roles land where the config says.
+Fast tests check the pure parts against simulated nodes. The slow ones share one real four-node
+Ray cluster on this machine (``ray.cluster_utils.Cluster``, token authentication, the job API on
+loopback): `dynalign submit` sends a run to it, and the roles land where the config says.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import re
 import secrets
 import shutil
-import socket
+import signal
 import subprocess
 import sys
 import tempfile
@@ -292,18 +292,6 @@ def test_submit_refuses_bad_config_before_contacting_the_cluster(capsys):
 # A real head with token auth on loopback; `dynalign submit` through its job API
 # ---------------------------------------------------------------------------------------------
 
-def _free_ports(count: int) -> list[int]:
-    sockets, ports = [], []
-    for _ in range(count):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        sockets.append(s)
-        ports.append(s.getsockname()[1])
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _stop_ray_processes(markers: list[str]) -> int:
     """Stop the Ray processes this test started (those whose command line names our temp dir or
     GCS port) and everything under them; never this process or its parents, never other Rays."""
@@ -337,33 +325,45 @@ def _stop_ray_processes(markers: list[str]) -> int:
     return len(procs)
 
 
-@pytest.fixture
-def token_head():
-    """`ray start --head` with RAY_AUTH_MODE=token, the dashboard (job API) on 127.0.0.1 only."""
+@pytest.fixture(scope="module")
+def token_cluster(tiny_model_path, tmp_path_factory):
+    """Four nodes on this machine with RAY_AUTH_MODE=token (tests/cluster_scenarios.py): a head
+    serving the job API on 127.0.0.1, an engine node and two learner nodes, told apart by custom
+    resources. The scenario runs the placement checks that need no training before it reports."""
     temp = Path(tempfile.mkdtemp(prefix="dyn", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     token = secrets.token_hex(32)
     token_file = temp / "token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    gcs, dashboard, agent_http, agent_grpc, client, runtime_env, metrics = _free_ports(7)
+    out = temp / "cluster.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
                VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING")
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-               "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-               "--dashboard-agent-listen-port", str(agent_http), "--dashboard-agent-grpc-port", str(agent_grpc),
-               "--ray-client-server-port", str(client), "--runtime-env-agent-port", str(runtime_env),
-               "--metrics-export-port", str(metrics), "--num-cpus", "4", "--temp-dir", str(temp / "ray"),
-               "--disable-usage-stats"]
+    log_path = tmp_path_factory.mktemp("cluster") / "cluster.log"
+    started = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tests.cluster_scenarios", str(temp / "ray"), tiny_model_path,
+                                 str(tmp_path_factory.mktemp("placement") / "run"), str(out)],
+                                cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
     try:
-        started = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stdout + started.stderr
-        head = {"address": f"http://127.0.0.1:{dashboard}", "token": token, "token_file": token_file,
-                "env": env, "temp": temp}
-        _wait_for_job_agent(head)
-        yield head
+        deadline = time.monotonic() + 300
+        while not out.exists():
+            assert proc.poll() is None, f"the cluster scenario exited ({proc.returncode}): {log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no cluster after 300 s: {log_path.read_text()[-3000:]}"
+            time.sleep(1)
+        cluster = {**json.loads(out.read_text()), "token": token, "token_file": token_file, "env": env}
+        _wait_for_job_agent(cluster)
+        print(f"token-auth cluster of 4 nodes: ready after {time.perf_counter() - started:.0f} s")
+        yield cluster
     finally:
-        _stop_ray_processes([re.escape(str(temp)), rf"--address=\S+:{gcs}\b"])
+        proc.stdin.close()  # the scenario shuts its cluster down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _stop_ray_processes([re.escape(str(temp))])  # whatever outlived it
         shutil.rmtree(temp, ignore_errors=True)
 
 
@@ -390,14 +390,38 @@ def _wait_for_job_agent(head: dict, timeout_s: float = 90) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("token_cluster")  # with pytest -n: on the worker that holds the cluster
+def test_placement_on_four_nodes_fails_fast_and_keeps_tensor_parallel_engines_whole(token_cluster):
+    """Requests the cluster cannot place fail in one line within seconds; each tensor-parallel
+    engine's two bundles land on one node, the two engines on two nodes."""
+    nodes = token_cluster["nodes"]
+    for key, expected in (("engine_too_big", "rollout.resources.engine_node = 3"),
+                          ("learner_spread", "learner.placement_strategy = STRICT_SPREAD")):
+        error = token_cluster[key]["error"]
+        assert error and "\n" not in error and expected in error, error
+        assert token_cluster[key]["seconds"] < 10
+    groups = token_cluster["tp_groups"]
+    assert [len(g) for g in groups] == [1, 1] and groups[0] != groups[1]
+    assert {g[0] for g in groups} == {nodes["learner_a"], nodes["learner_b"]}
+    assert [e["VLLM_RAY_BUNDLE_INDICES"] for e in token_cluster["tp_options_env"]] == ["0,1", "0,1"]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("token_cluster")
 @pytest.mark.timeout(1500)
-def test_submit_smoke_with_token_auth(token_head, tiny_model_path, tmp_path):
-    head = token_head
+def test_submit_with_token_auth_runs_the_roles_where_the_config_says(token_cluster, tiny_model_path, tmp_path):
+    """`dynalign submit` to the four-node cluster with token auth: refused without the token or
+    with a wrong one; with it, one iteration runs with both engines packed on the engine node and
+    the learner ranks spread over the two learner nodes (STRICT_SPREAD); an impossible request
+    fails fast inside its job, in one line."""
+    head, nodes = token_cluster, token_cluster["nodes"]
     with_token = _client_env(head, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(head["token_file"]))
     run_dir = tmp_path / "run"
     submit_args = ["submit", "--address", head["address"], "--config", "configs/smoke.yaml",
                    f"model.path={tiny_model_path}", f"run_dir={run_dir}", "judge.kind=rule", "iterations=1",
-                   "logging.progress=false"]
+                   "logging.progress=false", "rollout.num_workers=2", "rollout.resources={engine_node: 1}",
+                   "rollout.placement_strategy=PACK", "learner.resources_per_rank={learner_node: 1}",
+                   "learner.placement_strategy=STRICT_SPREAD", "checkpoint.save_final_policy=false"]
 
     # Without the token (no RAY_AUTH_MODE, an empty HOME): the job API refuses, no job is created.
     no_home = tmp_path / "home"
@@ -426,6 +450,10 @@ def test_submit_smoke_with_token_auth(token_head, tiny_model_path, tmp_path):
     assert [m["iteration"] for m in metrics] == [0]
     for output in (refused.stdout + refused.stderr, wrong.stdout + wrong.stderr, ran.stdout + ran.stderr, logs.stdout):
         assert head["token"] not in output
+    placed = json.loads((run_dir / "placement.json").read_text())
+    assert [info["node_id"] for info in placed["rollout"]] == [nodes["engines"]] * 2
+    assert sorted(info["node_id"] for info in placed["learner"]) == sorted([nodes["learner_a"], nodes["learner_b"]])
+    assert placed["judge"] == []  # judge.kind=rule: no judge engine
 
     # An impossible request fails fast with the one-line message, inside the job.
     started = time.perf_counter()
@@ -436,36 +464,4 @@ def test_submit_smoke_with_token_auth(token_head, tiny_model_path, tmp_path):
     print(f"impossible request: FAILED after {seconds:.0f} s (job start included)")
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
     line = next(x for x in (bad.stdout + bad.stderr).splitlines() if "cannot place rollout" in x)
-    assert "needs 1 engine x {CPU: 1, GPU: 1}" in line and "GPU: 0" in line
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1500)
-def test_multinode_placement(tiny_model_path, tmp_path):
-    """Four nodes on this machine: engines pinned to the engine node, learner ranks spread over the
-    two learner nodes (STRICT_SPREAD), one loop iteration; impossible requests fail fast."""
-    out = tmp_path / "result.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    started = time.perf_counter()
-    ran = subprocess.run([sys.executable, "-m", "tests.cluster_scenarios", "multinode", tiny_model_path,
-                          str(tmp_path / "run"), str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=1400)
-    seconds = time.perf_counter() - started
-    result = json.loads(out.read_text()) if out.exists() else {}
-    print(json.dumps(result, indent=2))
-    print(f"multinode scenario: {seconds:.0f} s")
-    assert ran.returncode == 0, ran.stdout[-4000:] + ran.stderr[-4000:]
-    nodes = result["nodes"]
-    assert result["rollout_nodes"] == [nodes["engines"]] * 2
-    assert sorted(result["learner_nodes"]) == sorted([nodes["learner_a"], nodes["learner_b"]])
-    assert result["iterations"] == 1
-    for key, expected in (("engine_too_big", "rollout.resources.engine_node = 3"),
-                          ("learner_spread", "learner.placement_strategy = STRICT_SPREAD")):
-        error = result[key]["error"]
-        assert error and "\n" not in error and expected in error, error
-        assert result[key]["seconds"] < 10
-    # Tensor-parallel engines: each engine's two bundles on one node, the two engines on two nodes.
-    groups = result["tp_groups"]
-    assert [len(g) for g in groups] == [1, 1] and groups[0] != groups[1]
-    assert {g[0] for g in groups} == {nodes["learner_a"], nodes["learner_b"]}
-    assert [e["VLLM_RAY_BUNDLE_INDICES"] for e in result["tp_options_env"]] == ["0,1", "0,1"]
+    assert "needs 2 engines x {CPU: 1, GPU: 1, engine_node: 1} (PACK)" in line and "GPU: 0" in line, line

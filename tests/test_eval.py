@@ -283,6 +283,7 @@ def _check_table(table: dict, n: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("rule_learning")  # with pytest -n: the shared run is trained once
 def test_trained_policy_vs_initial_model(rule_learning_run, tiny_model_path, tmp_path):
     """A GRPO run's policy (the shared rule-reward run) against the initial tiny model, judged by
     the initial model: sane tables with intervals; swapping the two models mirrors the result exactly."""

@@ -444,9 +444,38 @@ def manual_expected_scores(model_path_or_model, worker, config, spec_, groups) -
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("shared_judge")  # with pytest -n: one worker, one engine
 class TestOnOneSharedEngine:
     """Tests on one rollout engine that also judges (the class-scoped ``shared_judge``; engine
     placement groups are named, so it must be gone before another run starts its own)."""
+
+    def test_vllm_runs_the_tiny_model(self, shared_judge, tiny_model_path):
+        """vLLM itself (the engine's ``vllm.LLM``, no dynalign code on the path) loads the tiny model
+        as built: its tokenizer is the model directory's, and it samples token ids in the vocabulary
+        with log-probs. Run first in the class, on the engine's original weights."""
+        import ray
+        from transformers import AutoTokenizer
+
+        def sample(worker) -> dict:
+            import vllm
+
+            params = vllm.SamplingParams(n=2, max_tokens=8, ignore_eos=True, seed=0, logprobs=0)
+            result = worker.llm.generate(["Collective agency is"], params, use_tqdm=False)[0]
+            return {"vocab": len(worker.llm.get_tokenizer()),
+                    "prompt_token_ids": list(result.prompt_token_ids),
+                    "token_ids": [list(c.token_ids) for c in result.outputs],
+                    "logprobs": [[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for c in result.outputs]}
+
+        _, rollout, _, _ = shared_judge
+        result = ray.get(rollout.workers[0].__ray_call__.remote(sample))
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+        assert result["vocab"] == len(tokenizer)
+        assert result["prompt_token_ids"] == tokenizer("Collective agency is")["input_ids"]
+        assert len(result["token_ids"]) == 2
+        for ids, logprobs in zip(result["token_ids"], result["logprobs"]):
+            assert len(ids) == 8
+            assert all(0 <= t < len(tokenizer) for t in ids)
+            assert len(logprobs) == 8 and all(lp <= 0.0 for lp in logprobs)
 
     def test_logprob_scores_match_manual_computation_and_follow_weight_sync(self, shared_judge, tiny_model_path):
         """logprob mode on the shared (rollout) engine: scores in range that differ across candidates

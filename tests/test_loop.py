@@ -93,6 +93,7 @@ def _with_zero_rewards(groups):
     return groups
 
 
+@pytest.mark.xdist_group("rule_learning")  # with pytest -n: the shared run is trained once
 def test_rule_reward_learning_doubles(rule_learning_run):
     """GRPO learns: with a rule reward and fixed seeds, the last two iterations' mean reward is at
     least double the first iteration's. Also: ratio 1 on each iteration's first micro-step."""

@@ -81,6 +81,7 @@ def vllm_server(tiny_model_path, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("vllm_serve")  # with pytest -n: one server, and the death test last
 def test_generate_through_an_openai_endpoint_served_by_vllm(vllm_server, tmp_path):
     """The OpenAI-compatible client generates two iterations of prompts through the server
     (bounded: 6 requests each, 32 tokens)."""
@@ -125,6 +126,7 @@ rubric:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("vllm_serve")
 def test_openai_judge_on_vllm_serve_survives_server_death(vllm_server, tmp_path, caplog):
     """The judge's requests are answered; once the server is killed, requests are retried with
     back-off, then the candidates are marked invalid with a one-line warning, and the next call

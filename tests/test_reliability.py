@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO
 
-ITERATIONS = 4
+ITERATIONS = 6  # so that the third interruption below still leaves iterations to run
 
 
 def _train_command(model_path: str, run_dir: Path, *extra: str) -> list[str]:
@@ -98,12 +98,16 @@ def _wait_until(condition, process: subprocess.Popen, what: str, timeout_s: floa
 
 
 @pytest.mark.slow
-def test_learner_rank_then_driver_sigkilled_resume_matches_uninterrupted_run(tiny_model_path, straight_run, tmp_path):
-    """Two failures in one run, checked against an uninterrupted run with the same seeds:
+def test_sigkills_and_sigterm_then_resume_match_the_uninterrupted_run(tiny_model_path, straight_run, tmp_path):
+    """Three interruptions of one run, checked against an uninterrupted run with the same seeds:
     1. one learner rank is SIGKILLed once iteration 1 is logged: Ray Train restarts the rank group
        from the last checkpoint registered with it, and the driver replays from there;
     2. once the replayed iteration's checkpoint is written, the driver and its local Ray are
-       SIGKILLed, and `--resume latest` finishes the run.
+       SIGKILLed;
+    3. `--resume latest`, with periodic checkpoints off, gets SIGTERM once it has logged an
+       iteration: it finishes the iteration, writes a checkpoint of its own, exits 0 and leaves no
+       process behind;
+    4. `--resume latest` again finishes the run.
     The final weights are bit-identical, no prompt is replayed or skipped, the metrics are whole."""
     run_dir, log_path = tmp_path / "run", tmp_path / "first.log"
 
@@ -134,27 +138,27 @@ def test_learner_rank_then_driver_sigkilled_resume_matches_uninterrupted_run(tin
     assert "Ray Train restarted the learner group (a rank died)" in output
     assert first_replayed in (1, 2) and not (run_dir / "policy").exists()
 
-    subprocess.run(_train_command(tiny_model_path, run_dir) + ["--resume", "latest"], env=_env(), cwd=REPO,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
-    _assert_same_run(run_dir, straight_run)
-
-
-@pytest.mark.slow
-def test_sigterm_checkpoints_and_leaves_no_process(tiny_model_path, tmp_path):
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(_train_command(tiny_model_path, run_dir, "iterations=50", "checkpoint.every=0"),
+    resumed = time.time()
+    process = subprocess.Popen(_train_command(tiny_model_path, run_dir, "checkpoint.every=0") + ["--resume", "latest"],
                                env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_until((run_dir / "prompt_ids.jsonl").exists, process, "the first iteration")
+    ids_log = run_dir / "prompt_ids.jsonl"
+    _wait_until(lambda: ids_log.stat().st_mtime > resumed and logged() >= first_replayed + 2, process,
+                "an iteration of the resumed run")
+    signalled = time.time()
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-2000:]
     assert "SIGTERM received" in output
-    checkpoints = sorted((run_dir / "checkpoints").glob("iter_*/manifest.json"))
-    assert checkpoints, "a checkpoint must exist after SIGTERM"
     iterations_done = len((run_dir / "metrics.jsonl").read_text().splitlines())
-    assert 1 <= iterations_done < 50
+    assert first_replayed + 2 <= iterations_done < ITERATIONS
+    stop_manifest = run_dir / "checkpoints" / f"iter_{iterations_done - 1:06d}" / "manifest.json"
+    assert stop_manifest.exists() and stop_manifest.stat().st_mtime > signalled, "SIGTERM must write a checkpoint"
     time.sleep(2)
     assert _run_processes(run_dir) == []
+
+    subprocess.run(_train_command(tiny_model_path, run_dir) + ["--resume", "latest"], env=_env(), cwd=REPO,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=900)
+    _assert_same_run(run_dir, straight_run)
 
 
 @pytest.fixture
