@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from dynalign.files import atomic_write_text, fsync_directory
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 PREFIX = "iter_"
@@ -44,6 +48,7 @@ def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: i
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
+        fsync_directory(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -80,12 +85,7 @@ def damage(path: Path) -> str | None:
 
 def write_json(path: Path, payload: dict) -> None:
     """Atomic JSON write: a temp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        json.dump(payload, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -112,8 +112,7 @@ def resolve(run_dir: str | Path, resume: str) -> Path:
             problem = damage(candidate)
             if problem is None:
                 return candidate
-            print(f"dynalign: warning: --resume latest: skipping damaged checkpoint {candidate.name} ({problem})",
-                  file=sys.stderr, flush=True)
+            log.warning("--resume latest: skipping damaged checkpoint %s (%s)", candidate.name, problem)
         raise ConfigError(f"--resume latest: every checkpoint under {checkpoint_root(run_dir)} is damaged; "
                           "start without --resume (or with --overwrite)")
     path = Path(resume)

@@ -32,6 +32,8 @@ from typing import Any
 
 from dynalign import __version__
 from dynalign.config import ConfigError, RunError, describe, load_config, to_yaml, writable_dir
+from dynalign.files import JsonlError
+from dynalign.log import setup_logging
 
 PROG = "dynalign"
 EXIT_USAGE = 2
@@ -65,6 +67,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     config.logging.verbose = config.logging.verbose or args.verbose
+    setup_logging(config.logging.level, config.logging.verbose)
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite: choose one (continue the run in run_dir, or replace it)")
     from dynalign.driver import train  # heavy: Ray, vLLM, DeepSpeed
@@ -354,6 +357,7 @@ def _fail(message: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dynalign`` console script; returns the exit status."""
+    setup_logging()
     try:
         args = parse_args(argv)
     except SystemExit as exit_:  # argparse: --help, --version, usage errors
@@ -362,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(err))
     try:
         return args.func(args)
-    except ConfigError as err:
+    except (ConfigError, JsonlError) as err:  # JsonlError: a log or input file damaged in the middle
         return _fail(str(err))
     except RunError as err:
         first, _, detail = str(err).partition("\n")

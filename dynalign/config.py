@@ -188,6 +188,7 @@ class LoggingConfig:
     progress: bool = opt(True, "Show a tqdm progress bar over iterations.")
     log_samples: int = opt(2, "Candidate answers (with scores) written to samples.jsonl per iteration.", min=0)
     report: bool = opt(True, "Write the run report (plots and tables, run_dir/report/index.html) when the run ends.")
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = opt("INFO", "dynalign's own console messages at this level and above (`dynalign: ...` on stdout, `dynalign: warning: ...` on stderr).")
     verbose: bool = opt(False, "Show Ray's, vLLM's, DeepSpeed's and transformers' own output on the console (`train --verbose`); otherwise it stays in the Ray session logs, linked as run_dir/logs/ray.")
 
 
@@ -368,21 +369,6 @@ def writable_dir(option: str, path: str | Path) -> Path:
             reason = "a file is in the way, a directory is needed"
         raise ConfigError(f"{option} = '{path}': cannot write there: {reason}; choose a writable directory") from None
     return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temp file beside ``path``, fsync it and rename it into place: a reader
-    (or a crash) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with temp.open("w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def load_config(yaml_path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> TrainConfig:

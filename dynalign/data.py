@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dynalign.batch import chat_token_ids
 from dynalign.config import ConfigError, TrainConfig
+from dynalign.files import JsonlError, iter_jsonl
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,26 +89,21 @@ def load_prompts(config: TrainConfig) -> PromptStream:
         raise ConfigError(f"data.prompts_path = '{path}': no usable prompt (empty or longer than "
                           f"data.max_prompt_tokens = {data.max_prompt_tokens})")
     if len(prompts) < data.prompts_per_iteration and not config.generation.enabled:
-        print(f"dynalign: warning: data.prompts_path = '{path}': {len(prompts)} usable prompt(s) ({skipped} over "
-              f"data.max_prompt_tokens = {data.max_prompt_tokens}) for data.prompts_per_iteration = "
-              f"{data.prompts_per_iteration}; prompts repeat within an iteration", file=sys.stderr)
+        log.warning("data.prompts_path = '%s': %d usable prompt(s) (%d over data.max_prompt_tokens = %d) for "
+                    "data.prompts_per_iteration = %d; prompts repeat within an iteration", path, len(prompts), skipped,
+                    data.max_prompt_tokens, data.prompts_per_iteration)
     return PromptStream(prompts, seed=config.seed, shuffle=data.shuffle, skipped_too_long=skipped)
 
 
 def _check_json_lines(path: Path) -> None:
     """One JSON object per line, or a one-line error with the (1-based) line number."""
-    with path.open(errors="replace") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"data.prompts_path = '{path}': line {number} is not valid JSON ({err.msg}, "
-                                  f"column {err.colno}); each line must be one JSON object") from None
+    try:
+        for number, row in iter_jsonl(path, cut_last_line_ok=False):
             if not isinstance(row, dict):
                 raise ConfigError(f"data.prompts_path = '{path}': line {number} is a JSON {type(row).__name__}, "
                                   "not an object; each line must be one JSON object such as {\"prompt\": \"...\"}")
+    except JsonlError as err:
+        raise ConfigError(f"data.prompts_path = '{path}': {err.reason}; each line must be one JSON object") from None
 
 
 def _drop_long(prompts: list[tuple[str, str]], config: TrainConfig) -> tuple[list[tuple[str, str]], int]:

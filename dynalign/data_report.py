@@ -14,8 +14,10 @@ from collections import Counter
 from pathlib import Path
 
 from dynalign.config import ConfigError, writable_dir
-from dynalign.novelty import rouge_l_f, rouge_tokens
-from dynalign.prompt_gen import DROP_REASONS, PromptStore, write_atomically
+from dynalign.files import atomic_write_text
+from dynalign.prompt_gen import DROP_REASONS, PromptStore
+from dynalign.report_page import save_png
+from dynalign.rouge import rouge_l_f, rouge_tokens
 
 
 def pairwise_rouge_l(prompts: list[str], max_pairs: int = 200_000, seed: int = 0) -> list[float]:
@@ -102,7 +104,7 @@ def _plot_lengths(ax, words: list[int], title: str) -> None:
 
 
 def _save(figure, path: Path) -> None:
-    write_atomically(path, lambda temp: figure.savefig(temp, dpi=110, format="png"))
+    save_png(figure, path, dpi=110)
 
 
 def data_report(run_dir: str | Path, out_dir: str | Path | None = None, max_pairs: int = 200_000) -> dict:
@@ -127,7 +129,7 @@ def data_report(run_dir: str | Path, out_dir: str | Path | None = None, max_pair
     summary["overall"] = _scope(out, "all", "all iterations", all_rows, totals, threshold, max_pairs, summary["images"])
     _overview(out / "overview.png", summary, all_rows, threshold, max_pairs)
     summary["images"].append(str(out / "overview.png"))
-    write_atomically(out / "summary.json", lambda temp: temp.write_text(json.dumps(summary, indent=2)))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

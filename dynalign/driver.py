@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from dynalign import checkpoint, grpo
 from dynalign.batch import Group, Sample
-from dynalign.config import ConfigError, TrainConfig, atomic_write_text, to_yaml, writable_dir
+from dynalign.config import ConfigError, TrainConfig, to_yaml, writable_dir
 from dynalign.data import PromptStream, load_prompts
+from dynalign.files import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
 from dynalign.judge import (
     JudgePool,
     check_value_spec,
@@ -44,6 +45,8 @@ from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
 from dynalign.weight_sync import WeightSync
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,15 +114,15 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     atomic_write_text(run_dir / "config.yaml", to_yaml(config))
     init_ray(config)
     if not config.logging.verbose and (logs := link_ray_logs(run_dir)):
-        print(f"dynalign: library output (Ray, vLLM, DeepSpeed) goes to {logs} (--verbose shows it here)", flush=True)
+        log.info("library output (Ray, vLLM, DeepSpeed) goes to %s (--verbose shows it here)", logs)
     started = time.perf_counter()
     judges = judge_actor_count(config)
     judge_where = (f"{judges} engine(s) of its own" if judges else
                    "the rollout engines" if config.judge.kind == "policy" else f"kind {config.judge.kind}")
-    print(f"dynalign: starting {config.rollout.num_workers} rollout engine(s) and {config.learner.num_ranks} learner "
-          f"rank(s); the judge runs on {judge_where}", flush=True)
+    log.info("starting %d rollout engine(s) and %d learner rank(s); the judge runs on %s",
+             config.rollout.num_workers, config.learner.num_ranks, judge_where)
     system = System.start(config, run_dir)
-    print(f"dynalign: started in {time.perf_counter() - started:.0f} s", flush=True)
+    log.info("started in %.0f s", time.perf_counter() - started)
     atomic_write_text(run_dir / "placement.json", json.dumps(system.placement(), indent=2))
     stop = GracefulStop()
     history: dict[int, dict] = {}
@@ -145,7 +148,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
             iteration += 1
             progress.update(1)
             if stop.requested:
-                print(f"dynalign: stopped by signal after iteration {iteration - 1}; checkpoint written", flush=True)
+                log.info("stopped by signal after iteration %d; checkpoint written", iteration - 1)
                 break
         progress.close()
         if iteration >= config.iterations and config.checkpoint.save_final_policy:
@@ -156,7 +159,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         source.close()
         system.shutdown()
     summary = summarize([history[i] for i in sorted(history)], run_dir)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     print_summary(summary)
     if config.logging.report:
         write_report_safely(run_dir)  # RUN_DIR/report/index.html; a plotting failure only warns
@@ -211,9 +214,8 @@ def replay_from_learner_checkpoint(system: System, source: PromptSource, run_dir
             break
         except LearnerRestarted as again:  # it died again while coming back; Ray Train bounds the retries
             restart = again
-    print(f"dynalign: warning: {restart}; it restarted from "
-          f"{restored['path'] if restored else 'the initial weights (no checkpoint yet)'}; "
-          f"replaying from iteration {next_iteration}", file=sys.stderr, flush=True)
+    log.warning("%s; it restarted from %s; replaying from iteration %d", restart,
+                restored["path"] if restored else "the initial weights (no checkpoint yet)", next_iteration)
     return next_iteration
 
 
@@ -252,8 +254,7 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: abandoning the iteration")
         self.requested = True
-        print(f"dynalign: {signal.Signals(signum).name} received; finishing the iteration, then checkpointing",
-              flush=True)
+        log.info("%s received; finishing the iteration, then checkpointing", signal.Signals(signum).name)
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -280,9 +281,8 @@ def sample_scored_groups(system: System, prompts: PromptStream, config: TrainCon
             break
     seen = len(informative) + len(tied)
     if not informative:
-        print(f"dynalign: warning: iteration {iteration}: all {seen} groups have zero reward variance after "
-              f"{round_index + 1} round(s); no learning signal, the update is a no-op (check the judge or rewards)",
-              file=sys.stderr, flush=True)
+        log.warning("iteration %d: all %d groups have zero reward variance after %d round(s); no learning signal, "
+                    "the update is a no-op (check the judge or rewards)", iteration, seen, round_index + 1)
     # Keep the batch shape fixed: top up with tied groups (their advantages are zero).
     chosen = informative + tied[: wanted - len(informative)]
     all_rewards = [r for g in chosen for r in g.rewards]
@@ -321,23 +321,18 @@ def prefixed(prefix: str, stats: dict) -> dict:
 
 def log_iteration_data(run_dir: Path, iteration: int, groups: list[Group], count: int) -> None:
     """Which prompts the iteration trained on, and a few of its candidates with their rewards."""
-    with (run_dir / "prompt_ids.jsonl").open("a") as f:
-        f.write(json.dumps({"iteration": iteration, "prompt_ids": [g.prompt_id for g in groups]}) + "\n")
-    with (run_dir / "samples.jsonl").open("a") as f:
-        for group in groups[:count]:
-            for candidate, reward in zip(group.candidates[:2], group.rewards[:2]):
-                f.write(json.dumps({"iteration": iteration, "prompt_id": group.prompt_id, "prompt": group.prompt,
-                                    "answer": candidate.text, "reward": reward}) + "\n")
+    append_jsonl(run_dir / "prompt_ids.jsonl", {"iteration": iteration, "prompt_ids": [g.prompt_id for g in groups]})
+    append_jsonl(run_dir / "samples.jsonl", *({"iteration": iteration, "prompt_id": group.prompt_id,
+                                               "prompt": group.prompt, "answer": candidate.text, "reward": reward}
+                                              for group in groups[:count]
+                                              for candidate, reward in zip(group.candidates[:2], group.rewards[:2])))
 
 
 def truncate_jsonl(path: Path, last_iteration: int) -> None:
-    """Drop records of iterations after ``last_iteration`` (written after the checkpoint)."""
+    """Drop records of iterations after ``last_iteration`` (written after the checkpoint) and a
+    line cut short by a crash."""
     if path.is_file():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iteration"] <= last_iteration]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, path)
+        write_jsonl(path, [r for r in read_jsonl(path) if r["iteration"] <= last_iteration])
 
 
 def check_model_path(config: TrainConfig) -> None:

@@ -6,6 +6,7 @@ replace them in place between iterations (see ``weight_sync``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 from dynalign.batch import chat_token_ids
 from dynalign.config import RolloutConfig, TrainConfig
 
+log = logging.getLogger(__name__)
 WORKER_EXTENSION = "dynalign.vllm_ext.WeightSyncExtension"
 
 
@@ -140,8 +142,6 @@ def call_engines(jobs: list[tuple[Any, str, str, tuple]], restore_weights=None, 
     its process; we wait for it, put the current weights back (``restore_weights(actor, name)``)
     and run its job again, so no job is lost and none is counted twice. With ``timeout_s``, a job
     still unfinished that long after the call began is left running and its result is ``TIMED_OUT``."""
-    import sys
-
     import ray
     from ray.exceptions import ActorUnavailableError, RayActorError
 
@@ -168,8 +168,8 @@ def call_engines(jobs: list[tuple[Any, str, str, tuple]], restore_weights=None, 
             if attempts[index] >= max_attempts:
                 raise RuntimeError(f"{name} died {attempts[index]} times running '{method}'; giving up") from err
             attempts[index] += 1
-            print(f"dynalign: warning: {name} died during '{method}' ({type(err).__name__}); waiting for Ray to "
-                  "restart it, restoring the current weights, retrying", file=sys.stderr, flush=True)
+            log.warning("%s died during '%s' (%s); waiting for Ray to restart it, restoring the current weights, "
+                        "retrying", name, method, type(err).__name__)
             wait_until_alive(actor, name, restart_timeout_s)
             if restore_weights is not None:
                 restore_weights(actor, name)

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from dynalign import files
 from dynalign.config import ConfigError, EvalConfig, TrainConfig, api_key_from_env
 from dynalign.engine import EngineWorker, engine_env
 
@@ -78,12 +79,13 @@ def read_rows(path: str | Path, what: str) -> list[dict]:
 
             return pq.read_table(path).to_pylist()
         if suffix in (".jsonl", ".json"):
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            rows = files.read_jsonl(path, cut_last_line_ok=False)
             if not all(isinstance(r, dict) for r in rows):
                 raise ValueError("each line must be a JSON object")
             return rows
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        first = err.reason if isinstance(err, files.JsonlError) else \
+            str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"{what} = '{path}': could not be read ({first})") from None
     raise ConfigError(f"{what} = '{path}': unsupported file type '{suffix}'; use .jsonl or .parquet")
 
@@ -109,7 +111,7 @@ def training_prompts(config: TrainConfig, run_dir: str | Path | None) -> tuple[l
     config's) plus its generated prompts (``RUN_DIR/prompts/*.parquet``); when the run logged
     ``prompt_ids.jsonl`` only the prompts it actually trained on count (all of them if no id
     matches, e.g. ids renumbered)."""
-    files, data = [], config.data
+    data = config.data
     run_dir = Path(run_dir) if run_dir else None
     if run_dir is not None and (run_dir / "config.yaml").is_file():
         from omegaconf import OmegaConf
@@ -119,7 +121,6 @@ def training_prompts(config: TrainConfig, run_dir: str | Path | None) -> tuple[l
                                             if (v := OmegaConf.select(run, f"data.{k}")) is not None})
     sources, by_id = [], {}
     if Path(data.prompts_path).is_file():
-        files.append(Path(data.prompts_path))
         for index, row in enumerate(read_rows(data.prompts_path, "data.prompts_path")):
             if row.get(data.prompt_key):
                 by_id.setdefault(str(row.get(data.id_key, index)), []).append(str(row[data.prompt_key]))
@@ -132,9 +133,8 @@ def training_prompts(config: TrainConfig, run_dir: str | Path | None) -> tuple[l
             sources.append(str(file))
     used = set()
     if run_dir is not None and (run_dir / "prompt_ids.jsonl").is_file():
-        for line in (run_dir / "prompt_ids.jsonl").read_text().splitlines():
-            if line.strip():
-                used.update(str(i) for i in json.loads(line).get("prompt_ids", []))
+        for record in files.read_jsonl(run_dir / "prompt_ids.jsonl"):
+            used.update(str(i) for i in record.get("prompt_ids", []))
     texts = [t for key, group in by_id.items() if not used or key in used for t in group]
     if used and not texts:  # ids did not match: be conservative
         texts = [t for group in by_id.values() for t in group]
@@ -708,13 +708,10 @@ def evaluate_value(config: TrainConfig, policy: str, baseline: str, out_dir: str
 
 
 def write_outputs(out: Path, result: dict, rows: list[dict]) -> None:
-    from dynalign.prompt_gen import write_atomically
-
     out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / f"{RESULT_NAME}.json", lambda t: t.write_text(json.dumps(result, indent=2)))
-    write_atomically(out / f"{RESULT_NAME}.md", lambda t: t.write_text(markdown(result)))
-    write_atomically(out / f"{RESULT_NAME}_samples.jsonl",
-                     lambda t: t.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+    files.atomic_write_text(out / f"{RESULT_NAME}.json", json.dumps(result, indent=2))
+    files.atomic_write_text(out / f"{RESULT_NAME}.md", markdown(result))
+    files.write_jsonl(out / f"{RESULT_NAME}_samples.jsonl", rows)
 
 
 def _pct(cell: dict) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from dynalign.config import ConfigError, TrainConfig
+from dynalign.files import atomic_write_text
 
 INSTALL_HINT = "pip install 'dynalign[eval]' (lm_eval)"
 ERROR_PREFIX = "dynalign-harness: error: "
@@ -101,7 +102,7 @@ def run_model(config: TrainConfig, model_path: str, out_dir: Path, label: str) -
     work.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = (work / f"{label}.{ext}" for ext in ("spec.json", "raw.json", "log"))
     spec = {**model_spec(config, model_path), "out": str(result_path)}
-    spec_path.write_text(json.dumps(spec, indent=2))
+    atomic_write_text(spec_path, json.dumps(spec, indent=2))
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", str(config.rollout.cpu_kv_cache_gib)),
@@ -164,8 +165,6 @@ def metrics_of(raw: dict) -> dict[str, dict[str, float]]:
 
 def run_harness(config: TrainConfig, models: dict[str, str], out_dir: str | Path) -> dict:
     """lm-eval tasks on each model (label -> path); writes ``harness.json`` and ``harness.md``."""
-    from dynalign.prompt_gen import write_atomically
-
     version = lm_eval_version()
     out = Path(out_dir)
     raws = {label: run_model(config, path, out, label) for label, path in models.items()}
@@ -177,8 +176,8 @@ def run_harness(config: TrainConfig, models: dict[str, str], out_dir: str | Path
         "n_samples": {label: raw.get("n_samples", {}) for label, raw in raws.items()},
         "seconds": {label: round(raw["seconds"], 2) for label, raw in raws.items()},
     }
-    write_atomically(out / f"{RESULT_NAME}.json", lambda t: t.write_text(json.dumps(result, indent=2)))
-    write_atomically(out / f"{RESULT_NAME}.md", lambda t: t.write_text(markdown(result)))
+    atomic_write_text(out / f"{RESULT_NAME}.json", json.dumps(result, indent=2))
+    atomic_write_text(out / f"{RESULT_NAME}.md", markdown(result))
     result["out_dir"] = str(out)
     return result
 
@@ -250,7 +249,7 @@ def resolve_include_path(source: Path, target: Path) -> Path:
         base = original.parent
         task["dataset_kwargs"]["data_files"] = ({k: _absolute(v, base) for k, v in files.items()}
                                                 if isinstance(files, dict) else _absolute(files, base))
-        path.write_text(yaml.safe_dump(task, sort_keys=False))
+        atomic_write_text(path, yaml.safe_dump(task, sort_keys=False))
     return target
 
 
@@ -295,10 +294,7 @@ def _child(spec_path: str) -> int:
     out = {"results": results["results"], "n_samples": {t: v.get("effective", v.get("original"))
                                                         for t, v in results.get("n-samples", {}).items()},
            "versions": results.get("versions", {}), "samples": samples}
-    out_path = Path(spec["out"])
-    temp = out_path.with_name(f".{out_path.name}.tmp")  # the parent reads a complete file or none
-    temp.write_text(json.dumps(out, indent=2, default=str))
-    os.replace(temp, out_path)
+    atomic_write_text(spec["out"], json.dumps(out, indent=2, default=str))  # the parent reads a complete file or none
     return 0
 
 

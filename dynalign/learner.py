@@ -13,7 +13,6 @@ import inspect
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 import traceback
@@ -27,6 +26,7 @@ import torch
 from dynalign import grpo
 from dynalign.batch import PaddedBatch, Sample, padding_fraction, rank_micro_batches
 from dynalign.config import RunError, TrainConfig
+from dynalign.files import atomic_directory, atomic_write_text
 
 
 class LearnerError(RunError):
@@ -341,17 +341,10 @@ class PolicyTrainer:
             state.update(bucket) if self.rank == 0 else None
         if self.rank != 0:
             return None
-        target = Path(path)
-        staging = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        shutil.rmtree(staging, ignore_errors=True)
-        self.engine.module.save_pretrained(staging, state_dict=state)
-        self.tokenizer.save_pretrained(staging)
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-        return str(target)
+        with atomic_directory(path) as staging:
+            self.engine.module.save_pretrained(staging, state_dict=state)
+            self.tokenizer.save_pretrained(staging)
+        return str(Path(path))
 
     def save_checkpoint(self, directory: str) -> None:
         """Model, optimizer and scheduler state through DeepSpeed (every rank writes its shard)."""
@@ -369,7 +362,7 @@ class PolicyTrainer:
         with tempfile.TemporaryDirectory() as pointer_dir:
             pointer = None
             if self.rank == 0:
-                (Path(pointer_dir) / POINTER_FILE).write_text(json.dumps({"path": path, "iteration": iteration}))
+                atomic_write_text(Path(pointer_dir) / POINTER_FILE, json.dumps({"path": path, "iteration": iteration}))
                 pointer = ray.train.Checkpoint.from_directory(pointer_dir)
             ray.train.report({"iteration": iteration}, checkpoint=pointer)  # a barrier over all ranks
         # Ray Train's controller registers reports on its next poll (every ~2 s): wait for it, so

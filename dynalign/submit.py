@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import sys
@@ -29,6 +30,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from dynalign.config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
 
 # What a job's working directory leaves out (gitignore syntax, relative to the directory).
 EXCLUDES = [".git/", ".venv/", "outputs/", "checkpoints/", "**/checkpoints/", "**/__pycache__/", "*.egg-info/",
@@ -81,9 +84,8 @@ def check_auth_environment(address: str, environ: dict | None = None, home: Path
                           "(never pass it on the command line)")
     url = urlparse(address)
     if url.scheme == "http" and url.hostname not in ("127.0.0.1", "localhost", "::1"):
-        print(f"dynalign: warning: the token goes unencrypted to {url.hostname}; reach the dashboard through "
-              "an SSH tunnel or `kubectl port-forward` and submit to http://127.0.0.1:8265 (cluster/README.md)",
-              file=sys.stderr)
+        log.warning("the token goes unencrypted to %s; reach the dashboard through an SSH tunnel or "
+                    "`kubectl port-forward` and submit to http://127.0.0.1:8265 (cluster/README.md)", url.hostname)
     return source
 
 

@@ -7,9 +7,9 @@ Tests and the smoke run use it; the text it writes is gibberish, the pipeline ar
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from dynalign.files import atomic_directory
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -91,17 +91,11 @@ def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
 
             raise ConfigError(f"make-tiny-model {target}: the directory holds files but no model; "
                               "choose a new or empty directory, or give --overwrite")
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_directory(target) as staging:  # an earlier one is replaced once the new one is whole
         tokenizer = build_tokenizer()
         model = build_model(tokenizer, seed=seed)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -11,7 +11,7 @@ import pytest
 from rouge_score import rouge_scorer
 from rouge_score import tokenize as rs_tokenize
 
-from dynalign import novelty
+from dynalign import novelty_index, novelty_workers, rouge
 from dynalign.novelty import (
     NoveltyDecision,
     NoveltyFilter,
@@ -155,7 +155,7 @@ def test_rouge_l_f_identical_to_rouge_score_and_symmetric():
 
 def test_bit_parallel_lcs_matches_dp_including_multiword(monkeypatch):
     rng = random.Random(5)
-    shard = novelty._Shard()
+    shard = novelty_index.Shard()
     pool = []
     for g in range(60):
         m = rng.choice([1, 2, 7, 30, 63, 64, 65, 100, 140])
@@ -170,13 +170,13 @@ def test_bit_parallel_lcs_matches_dp_including_multiword(monkeypatch):
             cmasks[t] = cmasks.get(t, 0) | (1 << i)
         expected = [rouge_scorer._score_lcs(ids, cand).fmeasure if ids else 0.0 for ids in pool]
         for ids in pool:
-            assert novelty._lcs_len(ids, cand) == _dp_lcs(ids, cand)
+            assert rouge.lcs_len(ids, cand) == _dp_lcs(ids, cand)
         got_np = [f for f, _ in shard._score_np(sel, cand, cmasks)]
         got_py = [f for f, _ in shard._score_py(sel, cand, cmasks)]
         assert got_np == expected, n
         assert got_py == expected, n
         with monkeypatch.context() as mp:
-            mp.setattr(novelty, "_NP_CHUNK", 300)  # several chunks
+            mp.setattr(novelty_index, "_NP_CHUNK", 300)  # several chunks
             assert [f for f, _ in shard._score_np(sel, cand, cmasks)] == expected, n
 
 
@@ -235,13 +235,13 @@ def test_vectorised_path_used_and_exact(monkeypatch):
             w[i], w[j] = w[j], w[i]
         cands.append(" ".join(w))
     calls = []
-    orig = novelty._Shard._score_np
+    orig = novelty_index.Shard._score_np
 
     def spy(self, sel, cand, cmasks):
         calls.append((len(sel), len(cand)))
         return orig(self, sel, cand, cmasks)
 
-    monkeypatch.setattr(novelty._Shard, "_score_np", spy)
+    monkeypatch.setattr(novelty_index.Shard, "_score_np", spy)
     for thr in (0.5, 0.9):
         calls.clear()
         ref = naive_filter(cands, existing=existing, threshold=thr)
@@ -281,7 +281,7 @@ def test_ray_backend_identical(ray_local):
     ref = NoveltyFilter().filter(cands)
     with NoveltyFilter(num_workers=2, block_size=100) as par:  # backend="auto" -> Ray
         got = par.filter(cands)
-        assert isinstance(par._workers, novelty._RayBackend)
+        assert isinstance(par._workers, novelty_workers.RayBackend)
     _check_same(got, ref)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dynalign.config import ConfigError, load_config
+from dynalign.files import atomic_path
 from dynalign.judge import ValueSpec
 from dynalign.prompt_gen import (
     DROP_REASONS,
@@ -29,7 +30,6 @@ from dynalign.prompt_gen import (
     normalise,
     parse_prompts,
     request_messages,
-    write_atomically,
 )
 from tests.conftest import REPO, tiny_config
 
@@ -225,7 +225,9 @@ def test_atomic_write_failure_leaves_previous_file_intact(tmp_path, monkeypatch)
     target = tmp_path / "plain.txt"
     target.write_text("old")
     with pytest.raises(KeyboardInterrupt):
-        write_atomically(target, lambda temp: (temp.write_text("partial"), (_ for _ in ()).throw(KeyboardInterrupt)))
+        with atomic_path(target) as temp:
+            temp.write_text("partial")
+            raise KeyboardInterrupt
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["plain.txt"]
 
 
