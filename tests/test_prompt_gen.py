@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from dynalign.config import ConfigError, load_config
-from dynalign.judge import ValueSpec
 from dynalign.prompt_gen import (
     DROP_REASONS,
     Candidate,
@@ -31,6 +30,7 @@ from dynalign.prompt_gen import (
     request_messages,
     write_atomically,
 )
+from dynalign.value import ValueSpec
 from tests.conftest import REPO, tiny_config
 
 SPEC = REPO / "configs/values/collective_agency.yaml"
