@@ -88,6 +88,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_graph_sees_function_local_and_relative_imports(tmp_path):
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+    fake = tmp_path / "fake.py"  # as if it were dynalign/fake.py
+    fake.write_text("import os\n\ndef f():\n    from .judge import jobs\n    from . import stats\n"
+                    "    import dynalign.value\n")
+    assert imported_modules("dynalign.fake", fake, modules()) == {
+        "dynalign", "dynalign.judge", "dynalign.judge.jobs", "dynalign.stats", "dynalign.value"}
     graph = import_graph()
     assert "dynalign.judge" in graph and "dynalign.judge.pool" in graph
     assert "dynalign.config" in graph["dynalign.driver"]
