@@ -16,7 +16,7 @@ this process and one ``vllm.LLM`` on A in this process; per repeat: cast to bf16
 System: local Ray; the learner's rank 0 holding B in fp32 (``ExportLearner``: the learner's own
 export code in one actor, without Ray Train and DeepSpeed, which do not fit in memory beside two
 0.5B engines mid-sync on this machine); a ``RolloutPool`` engine and a dedicated policy judge
-engine (``JudgePool``), both on A; ``WeightSync.sync`` as the driver calls it (rank 0 exports bf16
+engine (``make_judge``), both on A; ``WeightSync.sync`` as the driver calls it (rank 0 exports bf16
 safetensors buckets of ``sync.bucket_mb`` into the object store, both engines stage and reload). Both sides warm up once, then ``repeats`` timed syncs each.
 
 Checks: after the sync both engines' prompt log-probs on a probe sequence equal those of the
@@ -299,7 +299,7 @@ def system_side(model_a: str, model_b: str, repeats: int) -> dict:
 
     from dynalign.batch import Sample
     from dynalign.driver import absolute_paths
-    from dynalign.judge import JudgePool
+    from dynalign.judge import make_judge
     from dynalign.rollout import RolloutPool
     from dynalign.weight_sync import WeightSync
 
@@ -318,7 +318,7 @@ def system_side(model_a: str, model_b: str, repeats: int) -> dict:
     ray.get(actor.pid.remote())
     learner = LearnerHandle(actor)
     rollout = RolloutPool(config)
-    judge = JudgePool(config, None)
+    judge = make_judge(config)
     startup = time.perf_counter() - started
     engines = rollout.workers + judge.synced_workers
     names = [i["name"] for i in rollout.infos] + judge.synced_names

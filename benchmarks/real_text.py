@@ -41,7 +41,7 @@ def main() -> None:
     from dynalign.config import load_config
     from dynalign.data import load_prompts
     from dynalign.driver import absolute_paths, init_ray
-    from dynalign.judge import JudgePool
+    from dynalign.judge import make_judge
     from dynalign.prompt_gen import (
         DROP_REASONS,
         PromptGenerator,
@@ -68,7 +68,7 @@ def main() -> None:
             mode_config.judge.mode = mode
             judged = copy.deepcopy(groups)
             started = time.perf_counter()
-            metrics = JudgePool(mode_config, rollout).score(judged)
+            metrics = make_judge(mode_config, rollout).score(judged)
             keys = ("parse_failure_rate", "invalid_rate", "score_mean", "score_std", "within_group_std",
                     "tied_group_share", "length_spearman", "attempts", "parse_failures", "retries")
             result["judge"][mode] = {**{k: metrics.get(k) for k in keys}, "seconds": time.perf_counter() - started,

@@ -100,7 +100,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         sys.stdout.write(doc_table())
         return 0
     config = load_config(args.config, args.overrides)
-    from dynalign.judge import check_value_spec
+    from dynalign.value import check_value_spec
 
     check_value_spec(config)  # what `train` would refuse, `config` refuses too
     sys.stdout.write(to_yaml(config))

@@ -111,6 +111,22 @@ class JudgeConfig:
     rule: Literal["target_token_share", "length"] = opt("target_token_share", "Rule for kind=rule: share of answer tokens that are one of `rule_targets`, or answer length / max_new_tokens.")
     rule_targets: list = opt(list("0123456789"), "Strings whose single-token encodings the target_token_share rule rewards.")
 
+    @property
+    def uses_shared_engines(self) -> bool:
+        """The policy judges on the rollout engines (no engines of its own)."""
+        return self.kind == "policy" and self.engine == "shared"
+
+    @property
+    def engines_synced(self) -> bool:
+        """Whether the judge's own engines receive the policy's weights: only dedicated policy judges.
+        (Shared engines are the rollout engines, synced anyway; external judges keep their model.)"""
+        return self.kind == "policy" and self.engine == "dedicated"
+
+    @property
+    def actor_count(self) -> int:
+        """Judge-only engine actors a run starts: none for shared engines, the openai and rule kinds."""
+        return self.num_workers if self.engines_synced or self.kind == "external_vllm" else 0
+
     def check(self) -> None:
         """Rules that span judge fields."""
         needs = {"external_vllm": ("model_path",), "openai": ("base_url", "api_model")}.get(self.kind, ())
@@ -315,9 +331,37 @@ class TrainConfig:
                 "change one of them")
         if self.generation.enabled:
             self.generation.check(self.rollout)
-        from dynalign.placement import check_resource_shapes
-
         check_resource_shapes(self)
+
+
+def check_resource_shapes(config: TrainConfig) -> None:
+    """Config-time rules (no cluster needed): amounts Ray and vLLM accept."""
+    amounts = [
+        ("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
+        ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
+        ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank),
+    ]
+    for key, value in amounts:
+        if value > 1 and value != int(value):
+            raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "
+                              "number of GPUs; use e.g. 0.5, 1 or 2")
+    for key, extra in (("rollout.resources", config.rollout.resources), ("judge.resources", config.judge.resources),
+                       ("learner.resources_per_rank", config.learner.resources_per_rank)):
+        for name, value in extra.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise ConfigError(f"{key}.{name} (from the config): set CPUs and GPUs with the num_cpus_*/num_gpus_* "
+                                  "options; this mapping is for custom resources only")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"{key}.{name} = {value!r} (from the config) must be a number >= 0")
+    if config.rollout.tensor_parallel_size > 1:
+        for key, value in amounts[:2]:
+            if value > 1:
+                raise ConfigError(f"{key} = {value:g} with rollout.tensor_parallel_size = "
+                                  f"{config.rollout.tensor_parallel_size} (from the config): GPUs are per "
+                                  "tensor-parallel rank, at most 1 each (an engine takes tensor_parallel_size of them)")
+    if config.rollout.sleep_while_learning and config.rollout.num_gpus_per_worker == 0:
+        raise ConfigError("rollout.sleep_while_learning = true (from the config) needs GPU engines (vLLM sleep mode "
+                          "is GPU-only); set rollout.num_gpus_per_worker > 0 or turn it off")
 
 
 # ---------------------------------------------------------------------------------------------

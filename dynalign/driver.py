@@ -30,20 +30,14 @@ from dynalign.batch import Group, Sample
 from dynalign.config import ConfigError, TrainConfig, to_yaml, writable_dir
 from dynalign.data import PromptStream, load_prompts
 from dynalign.files import append_jsonl, atomic_write_text, read_jsonl, write_jsonl
-from dynalign.judge import (
-    JudgePool,
-    check_value_spec,
-    judge_actor_count,
-    judge_engines_synced,
-    judge_metrics,
-    log_score_histogram,
-)
+from dynalign.judge import Judge, judge_metrics, log_score_histogram, make_judge
 from dynalign.learner import LearnerGroup, LearnerRestarted
 from dynalign.metrics import MetricsLogger, Timings, read_metrics
 from dynalign.placement import link_ray_logs, quiet_ray_options, start_local_ray
 from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
+from dynalign.value import check_value_spec
 from dynalign.weight_sync import WeightSync
 
 log = logging.getLogger(__name__)
@@ -54,7 +48,7 @@ class System:
     """Every role of a run, started and stopped together."""
 
     rollout: RolloutPool
-    judge: JudgePool
+    judge: Judge
     learner: LearnerGroup
     weight_sync: WeightSync
 
@@ -72,7 +66,7 @@ class System:
         rollout = judge = None
         try:
             rollout = RolloutPool(config)
-            judge = JudgePool(config, rollout)  # judge.engine=shared judges on the rollout engines
+            judge = make_judge(config, rollout)  # judge.engine=shared judges on the rollout engines
             if not learner.infos:
                 learner.wait_ready()
         except BaseException:
@@ -87,12 +81,13 @@ class System:
         names = [i["name"] for i in rollout.infos] + judge.synced_names
         weight_sync = WeightSync(config, engines, names)
         rollout.restore_weights = weight_sync.restore  # for an engine Ray had to restart
-        judge.restore_weights = weight_sync.restore if judge_engines_synced(config) else None
+        judge.restore_weights = weight_sync.restore if config.judge.engines_synced else None
         return cls(rollout, judge, learner, weight_sync)
 
     def placement(self) -> dict:
         """Where each role's processes run (Ray node id, pid), as ``run_dir/placement.json`` keeps it."""
-        own_judges = [info for info in self.judge.infos if info not in self.rollout.infos]
+        # A rule or endpoint judge has no engine; a shared one lists the rollout engines.
+        own_judges = [info for info in getattr(self.judge, "infos", []) if info not in self.rollout.infos]
         return {"rollout": self.rollout.infos, "judge": own_judges, "learner": self.learner.infos}
 
     def shutdown(self) -> None:
@@ -116,7 +111,7 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     if not config.logging.verbose and (logs := link_ray_logs(run_dir)):
         log.info("library output (Ray, vLLM, DeepSpeed) goes to %s (--verbose shows it here)", logs)
     started = time.perf_counter()
-    judges = judge_actor_count(config)
+    judges = config.judge.actor_count
     judge_where = (f"{judges} engine(s) of its own" if judges else
                    "the rollout engines" if config.judge.kind == "policy" else f"kind {config.judge.kind}")
     log.info("starting %d rollout engine(s) and %d learner rank(s); the judge runs on %s",
@@ -390,7 +385,7 @@ def init_ray(config: TrainConfig) -> None:
         return
     # Logical CPUs: tiny CPU runs oversubscribe the cores on purpose (engines idle while the learner steps).
     needed = (config.rollout.num_workers * config.rollout.num_cpus_per_worker
-              + judge_actor_count(config) * config.judge.num_cpus_per_worker
+              + config.judge.actor_count * config.judge.num_cpus_per_worker
               + config.learner.num_ranks * config.learner.num_cpus_per_rank
               + (sum(g.source == "vllm" for g in config.generation.generators) * config.rollout.num_cpus_per_worker
                  if config.generation.enabled else 0))

@@ -251,7 +251,7 @@ class EvalWorker(EngineWorker):
     def preferences(self, items: list[tuple[str, str, str]], spec_path: str, mode: str, sampling: dict
                     ) -> list[dict]:
         """Per (question, first, second): ``p`` = preference for the first answer, or None."""
-        from dynalign.judge import ValueSpec
+        from dynalign.value import ValueSpec
 
         self._forget_earlier_requests()
         spec = ValueSpec.load(spec_path)
@@ -273,7 +273,8 @@ class EvalWorker(EngineWorker):
     def rubric_scores(self, items: list[tuple[str, str]], spec_path: str, judge_config, sampling: dict
                       ) -> list[float | None]:
         """The value rubric score of each (question, answer) alone."""
-        from dynalign.judge import ValueSpec, judge_messages, parse_score
+        from dynalign.judge import judge_messages, parse_score
+        from dynalign.value import ValueSpec
 
         self._forget_earlier_requests()
         spec = ValueSpec.load(spec_path)
@@ -416,7 +417,7 @@ class EndpointJudge:
         self.ev = ev
 
     def preferences(self, items, spec_path: str, mode: str, sampling: dict) -> list[dict]:
-        from dynalign.judge import ValueSpec
+        from dynalign.value import ValueSpec
 
         spec = ValueSpec.load(spec_path)
         conversations = [pairwise_messages(spec, q, a, b, "generate") for q, a, b in items]
@@ -424,7 +425,8 @@ class EndpointJudge:
         return [{"p": parse_verdict(t), "text": t} for t in texts]
 
     def rubric_scores(self, items, spec_path: str, judge_config, sampling: dict) -> list[float | None]:
-        from dynalign.judge import ValueSpec, judge_messages, parse_score
+        from dynalign.judge import judge_messages, parse_score
+        from dynalign.value import ValueSpec
 
         spec = ValueSpec.load(spec_path)
         conversations = [judge_messages(spec, judge_config, q, a) for q, a in items]
@@ -601,7 +603,8 @@ def evaluate_value(config: TrainConfig, policy: str, baseline: str, out_dir: str
     judge_path = {"self": policy, "model": ev.judge_model_path}.get(ev.judge)
     if judge_path is not None:
         judge_path = check_model_dir(judge_path, "eval.judge_model_path")
-    from dynalign.judge import ValueSpec, judge_messages
+    from dynalign.judge import judge_messages
+    from dynalign.value import ValueSpec
 
     spec_path = str(Path(config.judge.value_spec).resolve())
     spec = ValueSpec.load(spec_path)

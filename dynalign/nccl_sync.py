@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from dynalign.config import TrainConfig
-from dynalign.weight_sync import WeightSyncError, choose_backend
+from dynalign.sync_backend import WeightSyncError, choose_backend
 
 # Receive buffers per worker (vLLM's DEFAULT_PACKED_NUM_BUFFERS): double buffering.
 PACKED_NUM_BUFFERS = 2

@@ -83,9 +83,7 @@ def role_requests(config: TrainConfig) -> list[RoleRequest]:
         "rollout", rollout.num_workers, tp,
         bundle_resources(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources),
         rollout.placement_strategy, _keys("rollout", "num_workers", "worker", "resources"))]
-    from dynalign.judge import judge_actor_count
-
-    if judge_actor_count(config):
+    if judge.actor_count:
         requests.append(RoleRequest(
             "judge", judge.num_workers, tp,
             bundle_resources(judge.num_cpus_per_worker, judge.num_gpus_per_worker, judge.resources),
@@ -132,36 +130,6 @@ def _lookup(config: Any, dotted: str) -> Any:
     for part in dotted.split("."):
         config = getattr(config, part)
     return config
-
-
-def check_resource_shapes(config: TrainConfig) -> None:
-    """Config-time rules (no cluster needed): amounts Ray and vLLM accept."""
-    amounts = [
-        ("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
-        ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
-        ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank),
-    ]
-    for key, value in amounts:
-        if value > 1 and value != int(value):
-            raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "
-                              "number of GPUs; use e.g. 0.5, 1 or 2")
-    for key, extra in (("rollout.resources", config.rollout.resources), ("judge.resources", config.judge.resources),
-                       ("learner.resources_per_rank", config.learner.resources_per_rank)):
-        for name, value in extra.items():
-            if name in ("CPU", "GPU", "memory", "object_store_memory"):
-                raise ConfigError(f"{key}.{name} (from the config): set CPUs and GPUs with the num_cpus_*/num_gpus_* "
-                                  "options; this mapping is for custom resources only")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(f"{key}.{name} = {value!r} (from the config) must be a number >= 0")
-    if config.rollout.tensor_parallel_size > 1:
-        for key, value in amounts[:2]:
-            if value > 1:
-                raise ConfigError(f"{key} = {value:g} with rollout.tensor_parallel_size = "
-                                  f"{config.rollout.tensor_parallel_size} (from the config): GPUs are per "
-                                  "tensor-parallel rank, at most 1 each (an engine takes tensor_parallel_size of them)")
-    if config.rollout.sleep_while_learning and config.rollout.num_gpus_per_worker == 0:
-        raise ConfigError("rollout.sleep_while_learning = true (from the config) needs GPU engines (vLLM sleep mode "
-                          "is GPU-only); set rollout.num_gpus_per_worker > 0 or turn it off")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ from dynalign.batch import chat_token_ids
 from dynalign.config import ConfigError, GeneratorSpec, TrainConfig, api_key_from_env
 from dynalign.data import PromptStream
 from dynalign.engine import split_evenly
-from dynalign.judge import Pillar, ValueSpec
 from dynalign.novelty import NoveltyFilter
+from dynalign.value import Pillar, ValueSpec
 
 DROP_REASONS = ("unparseable", "empty", "meta", "too_short", "too_long", "duplicate", "not_novel")
 # vLLM's default max_num_batched_tokens for offline engines on CPU (larger on GPUs): one engine

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from dynalign import files, report_eval, report_page
 from dynalign.config import ConfigError, writable_dir
+from dynalign.stats import pearson
 
 log = logging.getLogger(__name__)
 
@@ -228,23 +229,13 @@ def length_hacking_note(metrics: list[dict]) -> tuple[str, bool] | None:
     lengths, rewards = [p[0] for p in pairs], [p[1] for p in pairs]
     change = (lengths[-1] - lengths[0]) / lengths[0] if lengths[0] else 0.0
     text = f"Response length went from {lengths[0]:.1f} to {lengths[-1]:.1f} tokens ({100 * change:+.0f}%)"
-    r = _pearson(lengths, rewards) if len(pairs) >= 3 else None
-    if r is not None:
+    r = pearson(lengths, rewards) if len(pairs) >= 3 else math.nan
+    if not math.isnan(r):
         text += f"; correlation with the mean reward across iterations r = {r:.2f}"
-    suspicious = r is not None and r > 0.7 and change > 0.2
+    suspicious = r > 0.7 and change > 0.2
     if suspicious:
         text += ". Length rises with the reward: check the answers for padding (length hacking)."
     return text + ("" if suspicious else "."), suspicious
-
-
-def _pearson(x: list[float], y: list[float]) -> float | None:
-    n = len(x)
-    mx, my = sum(x) / n, sum(y) / n
-    sx = math.sqrt(sum((a - mx) ** 2 for a in x))
-    sy = math.sqrt(sum((b - my) ** 2 for b in y))
-    if sx == 0 or sy == 0:
-        return None
-    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / (sx * sy)
 
 
 def _grid(page: report_page.Page, metrics: list[dict], keys: list[str], name: str, caption: str) -> None:

@@ -12,19 +12,9 @@ import time
 
 import ray
 
-from dynalign.config import RunError, TrainConfig
-
-
-class WeightSyncError(RunError):
-    pass
-
-
-def choose_backend(config: TrainConfig) -> str:
-    if config.sync.backend != "auto":
-        return config.sync.backend
-    # The in-place reload path works everywhere; NCCL needs whole GPUs on both sides (fractional
-    # GPUs share a device, and NCCL refuses two ranks of one group on the same GPU).
-    return "nccl" if config.rollout.num_gpus_per_worker >= 1 and config.learner.num_gpus_per_rank >= 1 else "reload"
+from dynalign.config import TrainConfig
+from dynalign.nccl_sync import NcclWeightSync
+from dynalign.sync_backend import WeightSyncError, choose_backend
 
 
 class WeightSync:
@@ -34,8 +24,6 @@ class WeightSync:
         self.backend = choose_backend(config)
         self.last_export, self.version = None, 0  # what a restarted engine must get back
         if self.backend == "nccl":
-            from dynalign.nccl_sync import NcclWeightSync
-
             # Same contract, other transport: these instance attributes stand in for the methods below.
             nccl = NcclWeightSync(config, engines, engine_names)
             self.sync, self.restore = nccl.sync, nccl.restore

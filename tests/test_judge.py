@@ -15,15 +15,11 @@ import pytest
 from dynalign.batch import Candidate, Group
 from dynalign.config import ConfigError, JudgeConfig, load_config
 from dynalign.judge import (
-    DEFAULT_TEMPLATES,
     Job,
     JudgeRequestError,
-    ValueSpec,
     fence,
     final_answer,
     group_orders,
-    judge_actor_count,
-    judge_engines_synced,
     judge_metrics,
     judge_text_groups,
     message_text,
@@ -31,9 +27,10 @@ from dynalign.judge import (
     parse_score,
     render,
     shape_rewards,
-    spearman,
     summarize_judgements,
 )
+from dynalign.stats import spearman
+from dynalign.value import DEFAULT_TEMPLATES, ValueSpec
 from tests.conftest import REPO, tiny_config
 
 SPEC_PATH = REPO / "configs/values/collective_agency.yaml"
@@ -215,10 +212,10 @@ def test_config_rules():
 ])
 def test_which_engines_exist_and_get_synced(overrides, actors, synced):
     """Weight sync targets: shared -> rollout engines only; dedicated -> rollout + judge;
-    external -> rollout only (driver.System.start adds JudgePool.synced_workers)."""
+    external -> rollout only (driver.System.start adds Judge.synced_workers)."""
     config = load_config(None, [f"judge.value_spec={SPEC_PATH}", *overrides])
-    assert judge_actor_count(config) == actors
-    assert judge_engines_synced(config) == synced
+    assert config.judge.actor_count == actors
+    assert config.judge.engines_synced == synced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +362,7 @@ def test_judge_metrics():
 def test_openai_judge_reads_content_only_and_retries(monkeypatch, caplog):
     import httpx
 
-    from dynalign.judge import JudgePool, OpenAIJudge
+    from dynalign.judge import OpenAIJudge
 
     calls = {"n": 0}
 
@@ -383,15 +380,14 @@ def test_openai_judge_reads_content_only_and_retries(monkeypatch, caplog):
     config = load_config(None, [f"judge.value_spec={SPEC_PATH}", "judge.kind=openai", "judge.mode=group",
                                 "judge.repeats=1", "judge.base_url=http://judge.test/v1", "judge.api_model=judge-model",
                                 "judge.api_key_env=JUDGE_KEY", "judge.retry_backoff_s=0"])
-    pool = JudgePool(config)
-    pool.http = OpenAIJudge(config.judge, transport=httpx.MockTransport(handler))
+    pool = OpenAIJudge(config, http_client=httpx.Client(transport=httpx.MockTransport(handler)))
     group = make_group(["x", "y"])
     metrics = pool.score([group])
     ordered = sorted(group.rewards)
     assert ordered == [1.0, 4.0] and metrics["retries"] == 1 and metrics["errors"] == 2
     monkeypatch.delenv("JUDGE_KEY")
     with pytest.raises(ConfigError, match="judge.api_key_env = 'JUDGE_KEY': that environment variable is not set"):
-        OpenAIJudge(config.judge)
+        OpenAIJudge(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,13 +402,13 @@ QUESTIONS = ["How can a small town keep its only library open?", "How do volunte
 def shared_judge(ray_local, tiny_model_path, tmp_path_factory):
     """One rollout engine that also judges (judge.engine=shared), and groups it sampled."""
     from dynalign.driver import absolute_paths
-    from dynalign.judge import JudgePool
+    from dynalign.judge import make_judge
     from dynalign.rollout import RolloutPool
 
     config = absolute_paths(tiny_config(tiny_model_path, tmp_path_factory.mktemp("shared") / "run",
                                         "judge.engine=shared", "rollout.group_size=4", "judge.max_retries=1"))
     rollout = RolloutPool(config)
-    pool = JudgePool(config, rollout)
+    pool = make_judge(config, rollout)
     try:
         groups = rollout.generate([(str(i), q) for i, q in enumerate(QUESTIONS)], iteration=0)
         yield config, rollout, pool, groups
@@ -537,12 +533,12 @@ class TestOnOneSharedEngine:
         score format, so judgements are retried, then marked invalid (NaN) and counted - never 0."""
         import copy
 
-        from dynalign.judge import JudgePool
+        from dynalign.judge import make_judge
 
         config, rollout, _, groups = shared_judge
         config = copy.deepcopy(config)
         config.judge.mode, config.judge.repeats, config.judge.max_new_tokens = mode, 2, 24
-        pool = JudgePool(config, rollout)
+        pool = make_judge(config, rollout)
         groups = copy.deepcopy(groups)
         started = time.perf_counter()
         metrics = pool.score(groups)
@@ -568,7 +564,7 @@ class TestOnOneSharedEngine:
         logprob scores equal the shared engine's."""
         import copy
 
-        from dynalign.judge import JudgePool
+        from dynalign.judge import make_judge
 
         config, rollout, shared_pool, groups = shared_judge
         config = copy.deepcopy(config)
@@ -578,7 +574,7 @@ class TestOnOneSharedEngine:
             config.judge.kind, config.judge.model_path = "external_vllm", tiny_model_path
         shared_groups, own_groups = copy.deepcopy(groups), copy.deepcopy(groups)
         shared_pool.score(shared_groups)
-        pool = JudgePool(config, rollout)
+        pool = make_judge(config, rollout)
         try:
             assert pool.workers and pool.workers[0] not in rollout.workers
             assert [i["name"] for i in pool.infos] == ["judge-0"]

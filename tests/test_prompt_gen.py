@@ -16,7 +16,6 @@ import pytest
 
 from dynalign.config import ConfigError, load_config
 from dynalign.files import atomic_path
-from dynalign.judge import ValueSpec
 from dynalign.prompt_gen import (
     DROP_REASONS,
     Candidate,
@@ -31,6 +30,7 @@ from dynalign.prompt_gen import (
     parse_prompts,
     request_messages,
 )
+from dynalign.value import ValueSpec
 from tests.conftest import REPO, tiny_config
 
 SPEC = REPO / "configs/values/collective_agency.yaml"
