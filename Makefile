@@ -10,7 +10,7 @@
 #   make clean     remove outputs and caches (keeps .venv)
 #
 # Variables: PYTHON (interpreter that creates the venv), VENV (where), PYTEST_ARGS (extra
-# pytest arguments, e.g. PYTEST_ARGS='-m "not slow"').
+# pytest arguments, e.g. PYTEST_ARGS='-m "not slow"'), TEST_WORKERS (pytest processes).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -27,6 +27,10 @@ PYTEST_ARGS ?=
 PIP_QUIET ?= -qq
 APT_QUIET ?= -qq
 TEST_TIMEOUT ?= 900
+# Two pytest workers (pytest-xdist): much of an end-to-end test is waiting (one-thread vLLM
+# decoding, Ray polls, process start-up), so two share the 2 cores better than one; tests that
+# share a started stack carry an xdist_group mark and run on one worker. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 
 DEMO_CONFIG ?= configs/smollm2_cpu.yaml
 DEMO_MODEL := outputs/models/smollm2-135m-instruct
@@ -76,7 +80,7 @@ smoke: install
 	$(BIN)/dynalign train --config configs/smoke.yaml --overwrite
 
 test: install model
-	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) --durations=15 $(PYTEST_ARGS)
+	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) --durations=15 -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m benchmarks.run
