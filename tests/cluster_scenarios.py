@@ -70,13 +70,22 @@ def placement_checks(model_path: str, run_dir: str) -> dict:
 
 def serve(temp_dir: str, model_path: str, run_dir: str, out_json: str) -> None:
     import ray
+    from ray._private.utils import write_ray_address
     from ray.cluster_utils import Cluster
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # shut the cluster down on the way out
     dashboard_port = _free_port()
+    # Every port of the head free, not Ray's defaults: other Rays run on this machine meanwhile (the
+    # test session's own, another pytest worker's), and a head whose job agent could not bind its
+    # port refuses every job ("No available agent to submit job").
+    ports = {name: _free_port() for name in ("gcs_server_port", "dashboard_agent_listen_port", "metrics_agent_port",
+                                             "metrics_export_port", "runtime_env_agent_port")}
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-        "resources": {"head_node": 1}, "temp_dir": temp_dir})
+        "resources": {"head_node": 1}, "temp_dir": temp_dir, **ports})
+    # What `ray start --head` leaves behind and `Cluster` does not: the job supervisor finds the
+    # cluster its jobs' drivers connect to here, and otherwise takes any Ray on the machine.
+    write_ray_address(cluster.address, temp_dir)
     try:
         nodes = {"head": cluster.head_node.node_id}
         nodes["engines"] = cluster.add_node(num_cpus=2, resources={"engine_node": 2}, temp_dir=temp_dir).node_id

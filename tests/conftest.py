@@ -109,6 +109,24 @@ def wait_for_no_processes(name: str, value: str, timeout_s: float = 30.0) -> lis
     return left
 
 
+# The files of end-to-end tests, longest first (CI's durations). `make test` runs two pytest
+# workers that take tests in this order (--no-loadscope-reorder): the long ones start at once and
+# the fast ones fill in at the end, so neither worker waits alone on a long test while the other
+# is idle. Within a file the order stays as written (the vllm serve death test runs last).
+LONGEST_FIRST = ("test_reliability.py", "test_eval.py", "test_real_model.py", "test_faults.py", "test_prompt_gen.py",
+                 "test_loop.py", "test_openai_endpoint.py", "test_cluster.py", "test_judge.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return len(LONGEST_FIRST) + 1
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Fail the session if any process it started outlives it (orphaned engines hold GBs)."""
     import ray

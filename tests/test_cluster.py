@@ -437,9 +437,9 @@ def test_submit_with_token_auth_runs_the_roles_where_the_config_says(token_clust
     started = time.perf_counter()
     ran = _dynalign(with_token, *submit_args, "--follow", timeout=1200)
     seconds = time.perf_counter() - started
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     job_id = ran.stdout.strip().splitlines()[0]
     print(f"job {job_id}: {seconds:.0f} s from submit to SUCCEEDED")
-    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
     assert job_id.startswith("raysubmit_") and f"job {job_id} SUCCEEDED" in ran.stderr
     assert "dynalign run summary" in ran.stdout
     status = _dynalign(with_token, "jobs", "status", job_id, "--address", head["address"])
