@@ -410,7 +410,7 @@ class EndpointJudge:
     """An OpenAI-compatible judge: always writes its verdict / score (generate mode)."""
 
     def __init__(self, ev: EvalConfig):
-        from dynalign.prompt_gen import OpenAIGenerator
+        from dynalign.generators import OpenAIGenerator
 
         api_key = api_key_from_env("eval.judge_api_key_env", ev.judge_api_key_env)
         self.client = OpenAIGenerator("eval-judge", ev.judge_base_url, ev.judge_api_model, api_key)

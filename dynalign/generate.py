@@ -68,13 +68,9 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
     from dynalign.data import load_prompts
     from dynalign.data_report import data_report
     from dynalign.driver import absolute_paths, check_model_path
-    from dynalign.prompt_gen import (
-        PromptGenerator,
-        PromptStore,
-        load_spec,
-        policy_token_counter,
-        start_generators,
-    )
+    from dynalign.generators import start_generators
+    from dynalign.prompt_gen import PromptGenerator, load_spec, policy_token_counter
+    from dynalign.prompt_store import PromptStore
 
     config = absolute_paths(config)
     load_spec(config.judge.value_spec)  # a bad spec fails before anything starts
@@ -146,7 +142,7 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
 
 def write_dataset(store, path: Path, count: int) -> Path:
     """The first ``count`` kept prompts, in the order they were kept, as one Parquet file."""
-    from dynalign.prompt_gen import write_prompt_rows
+    from dynalign.prompt_store import write_prompt_rows
 
     write_prompt_rows(path, store.load()[:count])
     return path

@@ -133,7 +133,7 @@ def test_eval_prompts_are_held_out_from_the_smoke_prompts():
 def test_training_prompts_of_a_run(tmp_path):
     """The run's prompts file (from its config.yaml) and generated prompts, narrowed to the ids it
     trained on."""
-    from dynalign.prompt_gen import PromptStore
+    from dynalign.prompt_store import PromptStore
 
     prompts_file = tmp_path / "train.jsonl"
     prompts_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"training prompt number {i}"}) + "\n"

@@ -82,7 +82,7 @@ def make_run(run_dir: Path, iterations: int = 5, with_prompts: bool = True) -> P
                            "baseline": {"dynalign_exact": {"exact_match": 0.1875}}}}
     (run_dir / "eval" / "harness.json").write_text(json.dumps(harness))
     if with_prompts:
-        from dynalign.prompt_gen import PromptStore
+        from dynalign.prompt_store import PromptStore
 
         words = ["river", "school", "garden", "budget", "clinic", "library", "bridge", "forest", "market", "harbour"]
         for iteration in range(2):
