@@ -37,7 +37,6 @@ import dataclasses
 import html
 import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -49,11 +48,13 @@ import numpy as np
 from dynalign import files
 from dynalign.config import ConfigError, EvalConfig, TrainConfig, api_key_from_env
 from dynalign.engine import EngineWorker, engine_env
+from dynalign.model_fetch import check_model_dir
 
 VERDICT_PREFIX = "Winner:"
 SCORE_PREFIX = "Score:"
 RESULT_NAME = "value_alignment"
 OUTCOMES = ("win", "tie", "loss")
+MODEL_FIX = "give a Hugging Face model directory (with config.json), e.g. RUN_DIR/policy"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,16 +538,6 @@ def summarize(rows: list[dict], ev: EvalConfig) -> dict:
 # The evaluation
 # ---------------------------------------------------------------------------------------------
 
-def check_model_dir(path: str, flag: str) -> str:
-    local = Path(path)
-    if local.exists() or path.startswith((".", "/")) or local.parts[:1] == ("outputs",):
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{flag} {path}: no model there (no config.json); give a Hugging Face model directory, "
-                              "e.g. RUN_DIR/policy")
-        return str(local.resolve())
-    return path  # a hub id, on machines with hub access
-
-
 def run_dir_of(policy: str) -> Path | None:
     """The run a policy came from: RUN_DIR for RUN_DIR/policy (it holds config.yaml)."""
     parent = Path(policy).parent
@@ -556,28 +547,6 @@ def run_dir_of(policy: str) -> Path | None:
 def default_out_dir(policy: str) -> Path:
     run = run_dir_of(policy)
     return run / "eval" if run is not None else Path("outputs") / "eval"
-
-
-def init_ray(config: TrainConfig) -> bool:
-    """Join ``cluster.address`` (or RAY_ADDRESS), or start a local Ray with room for three
-    engines; returns whether this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false",
-                        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
-    address = config.cluster.address or os.environ.get("RAY_ADDRESS", "").strip() or None
-    from dynalign.placement import quiet_ray_options, start_local_ray
-
-    quiet = not config.logging.verbose  # the engines' own output stays in Ray's session logs
-    if address:
-        ray.init(address=address, runtime_env=env, **quiet_ray_options(quiet))
-    else:
-        needed = 3 * max(config.rollout.num_cpus_per_worker, 1.0)
-        start_local_ray(config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed)), env["env_vars"],
-                        quiet=quiet)
-    return True
 
 
 def check_eval_config(config: TrainConfig) -> None:
@@ -599,10 +568,10 @@ def evaluate_value(config: TrainConfig, policy: str, baseline: str, out_dir: str
     """Policy vs baseline on held-out value prompts; writes JSON, markdown and the samples."""
     ev = config.eval
     check_eval_config(config)
-    policy, baseline = check_model_dir(policy, "--policy"), check_model_dir(baseline, "--baseline")
+    policy, baseline = check_model_dir(policy, "--policy", MODEL_FIX), check_model_dir(baseline, "--baseline", MODEL_FIX)
     judge_path = {"self": policy, "model": ev.judge_model_path}.get(ev.judge)
     if judge_path is not None:
-        judge_path = check_model_dir(judge_path, "eval.judge_model_path")
+        judge_path = check_model_dir(judge_path, "eval.judge_model_path", MODEL_FIX)
     from dynalign.judge import judge_messages
     from dynalign.value import ValueSpec
 
