@@ -8,7 +8,6 @@ one text each (None: a failed request, counted in its ``errors``).
 from __future__ import annotations
 
 import asyncio
-import copy
 import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -68,14 +67,13 @@ class EngineGenerator:
     def start(cls, config: TrainConfig, name: str, model_path: str, seed: int) -> EngineGenerator:
         import ray
 
-        from dynalign.engine import EngineWorker, engine_env
+        from dynalign.engine import EngineSpec, EngineWorker, engine_env
 
-        engine_config = copy.deepcopy(config)
-        engine_config.model.path = str(Path(model_path).resolve()) if Path(model_path).exists() else model_path
+        spec = EngineSpec.other(config, model_path, config.generation.max_model_len)
         actor = ray.remote(EngineWorker).options(
             num_cpus=config.rollout.num_cpus_per_worker, num_gpus=config.rollout.num_gpus_per_worker,
-            runtime_env={"env_vars": engine_env(config.rollout)})
-        worker = actor.remote(engine_config, name, seed, max_model_len=config.generation.max_model_len)
+            runtime_env={"env_vars": engine_env(spec)})
+        worker = actor.remote(spec, name, seed)
         try:
             ray.get(worker.info.remote(), timeout=ENGINE_START_TIMEOUT_S)  # a failed start surfaces here
         except ray.exceptions.GetTimeoutError:
@@ -86,8 +84,7 @@ class EngineGenerator:
         except BaseException:
             ray.kill(worker)
             raise
-        return cls(name, [worker], engine_config.model.path, config.generation.max_model_len,
-                   config.model.trust_remote_code, owned=True)
+        return cls(name, [worker], spec.path, spec.max_model_len, spec.trust_remote_code, owned=True)
 
     def prompt_tokens(self, messages: list[dict]) -> int:
         if self._tokenizer is None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dynalign.config import ConfigError, EvalConfig, TrainConfig, load_config
+from dynalign.eval_tables import rate_table, summarize, verdicts
 from dynalign.evaluate import (
     EndpointJudge,
     EvalPrompt,
@@ -24,12 +25,9 @@ from dynalign.evaluate import (
     hold_out,
     in_canonical_order,
     load_eval_prompts,
-    parse_verdict,
-    rate_table,
-    summarize,
     training_prompts,
-    verdicts,
 )
+from dynalign.judge.parse import parse_verdict
 from tests.conftest import REPO, tiny_config
 
 EVAL_PROMPTS = REPO / "configs" / "eval" / "value_prompts.jsonl"

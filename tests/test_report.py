@@ -43,7 +43,7 @@ def _metrics(iterations: int = 5) -> list[dict]:
 
 def _value_alignment(tmp_path: Path) -> dict:
     """A value-alignment result made by the real summary code from synthetic judgements."""
-    from dynalign.evaluate import summarize, verdicts, write_outputs
+    from dynalign.eval_tables import summarize, verdicts, write_outputs
 
     ev = EvalConfig(bootstrap_samples=200)
     rows = []
