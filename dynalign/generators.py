@@ -17,7 +17,7 @@ from typing import Protocol
 
 from dynalign.batch import chat_token_ids
 from dynalign.config import ConfigError, GeneratorSpec, TrainConfig, api_key_from_env
-from dynalign.engine import split_evenly
+from dynalign.engine import EngineSpec, EngineWorker, engine_env, split_evenly
 
 # vLLM's default max_num_batched_tokens for offline engines on CPU (larger on GPUs): one engine
 # call stays within it (see EngineGenerator._chunks).
@@ -66,8 +66,6 @@ class EngineGenerator:
     @classmethod
     def start(cls, config: TrainConfig, name: str, model_path: str, seed: int) -> EngineGenerator:
         import ray
-
-        from dynalign.engine import EngineSpec, EngineWorker, engine_env
 
         spec = EngineSpec.other(config, model_path, config.generation.max_model_len)
         actor = ray.remote(EngineWorker).options(
