@@ -40,14 +40,12 @@ def main() -> None:
 
     from dynalign.config import load_config
     from dynalign.data import load_prompts
-    from dynalign.driver import absolute_paths, init_ray
+    from dynalign.driver import absolute_paths
+    from dynalign.generators import start_generators
     from dynalign.judge import make_judge
-    from dynalign.prompt_gen import (
-        DROP_REASONS,
-        PromptGenerator,
-        policy_token_counter,
-        start_generators,
-    )
+    from dynalign.placement import init_ray
+    from dynalign.prompt_gen import PromptGenerator, policy_token_counter
+    from dynalign.prompt_store import DROP_REASONS
     from dynalign.rollout import RolloutPool
 
     run_dir = Path("/tmp/dynalign-real-text")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dynalign.config import ConfigError, writable_dir
 from dynalign.files import atomic_write_text
-from dynalign.prompt_gen import DROP_REASONS, PromptStore
+from dynalign.prompt_store import DROP_REASONS, PromptStore
 from dynalign.report_page import save_png
 from dynalign.rouge import rouge_l_f, rouge_tokens
 

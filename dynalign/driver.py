@@ -13,7 +13,6 @@ import copy
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import threading
@@ -21,7 +20,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
 from tqdm import tqdm
 
@@ -33,7 +31,8 @@ from dynalign.files import append_jsonl, atomic_write_text, read_jsonl, write_js
 from dynalign.judge import Judge, judge_metrics, log_score_histogram, make_judge
 from dynalign.learner import LearnerGroup, LearnerRestarted
 from dynalign.metrics import MetricsLogger, Timings, read_metrics
-from dynalign.placement import link_ray_logs, quiet_ray_options, start_local_ray
+from dynalign.model_fetch import check_model_dir
+from dynalign.placement import init_ray, link_ray_logs
 from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
@@ -98,7 +97,7 @@ class System:
 
 def train(config: TrainConfig, resume: str | None = None, overwrite: bool = False) -> dict:
     # Every input is checked before run_dir is touched: a bad option never costs an earlier run.
-    check_model_path(config)
+    check_model_dir(config.model.path, "model.path")
     config = absolute_paths(config)
     check_value_spec(config)
     prompts = load_prompts(config)
@@ -330,18 +329,6 @@ def truncate_jsonl(path: Path, last_iteration: int) -> None:
         write_jsonl(path, [r for r in read_jsonl(path) if r["iteration"] <= last_iteration])
 
 
-def check_model_path(config: TrainConfig) -> None:
-    path = Path(config.model.path)
-    looks_local = path.is_absolute() or config.model.path.startswith(".") or path.parts[:1] == ("outputs",)
-    if looks_local and not (path / "config.json").is_file():
-        from dynalign.model_fetch import KNOWN_MODELS
-
-        name = next((k for k in KNOWN_MODELS if k in path.name.lower()), None)
-        make = f"dynalign fetch-model {name}" if name else "dynalign make-tiny-model"
-        raise ConfigError(f"model.path = '{config.model.path}': no model there; run `{make} "
-                          f"{config.model.path}` or point model.path at a Hugging Face model directory")
-
-
 RUN_LOGS = ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl", "summary.json")
 
 
@@ -370,27 +357,6 @@ def absolute_paths(config: TrainConfig) -> TrainConfig:
     if Path(config.model.path).exists():
         config.model.path = str(Path(config.model.path).resolve())
     return config
-
-
-def init_ray(config: TrainConfig) -> None:
-    if ray.is_initialized():
-        return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}}
-    # Inside a Ray job (`dynalign submit`, `ray job submit`) RAY_ADDRESS names the cluster.
-    address = config.cluster.address or os.environ.get("RAY_ADDRESS", "").strip() or None
-    if address and not address.startswith(("http://", "https://")):
-        from dynalign.submit import driver_runtime_env
-
-        ray.init(address=address, runtime_env=driver_runtime_env(env), **quiet_ray_options(not config.logging.verbose))
-        return
-    # Logical CPUs: tiny CPU runs oversubscribe the cores on purpose (engines idle while the learner steps).
-    needed = (config.rollout.num_workers * config.rollout.num_cpus_per_worker
-              + config.judge.actor_count * config.judge.num_cpus_per_worker
-              + config.learner.num_ranks * config.learner.num_cpus_per_rank
-              + (sum(g.source == "vllm" for g in config.generation.generators) * config.rollout.num_cpus_per_worker
-                 if config.generation.enabled else 0))
-    num_cpus = config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed))
-    start_local_ray(num_cpus, env["env_vars"], quiet=not config.logging.verbose)  # a new local cluster, even if another Ray runs here
 
 
 def summarize(history: list[dict], run_dir: Path) -> dict:

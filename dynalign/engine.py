@@ -1,29 +1,93 @@
-"""A vLLM engine inside a Ray actor: what rollout and judge workers share.
+"""A vLLM engine inside a Ray actor: what rollout, judge, eval and generator engines share.
 
-The engine holds the current policy weights; ``stage_weights`` + ``apply_staged_weights``
-replace them in place between iterations (see ``weight_sync``).
+``EngineSpec`` says which model an engine runs and with which vLLM settings; ``EngineWorker`` is
+the actor. A policy engine's weights are replaced in place between iterations by
+``stage_weights`` + ``apply_staged_weights`` (see ``weight_sync``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from dynalign.batch import chat_token_ids
-from dynalign.config import RolloutConfig, TrainConfig
+from dynalign.config import TrainConfig
 
 log = logging.getLogger(__name__)
 WORKER_EXTENSION = "dynalign.vllm_ext.WeightSyncExtension"
 
 
-def engine_env(rollout: RolloutConfig) -> dict[str, str]:
+@dataclass(frozen=True)
+class EngineSpec:
+    """One vLLM engine: the model it runs and vLLM's settings for it. Built on the driver from the
+    config (``rollout``, ``judge``, ``other``) and sent to the engine actor, which reads nothing else."""
+
+    path: str
+    dtype: str
+    max_model_len: int
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    trust_remote_code: bool = False
+    sleep: bool = False  # vLLM's sleep mode: the engine sleeps while the learner steps
+    cpu_kv_cache_gib: int = 1
+    # Extra ``vllm.LLM`` kwargs: the NCCL weight-transfer config, for engines the weight sync targets.
+    vllm_kwargs: dict = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def rollout(cls, config: TrainConfig) -> EngineSpec:
+        """A rollout engine: the policy; with ``judge.engine=shared`` it also reads judge prompts,
+        so it gets the judge's context length if that is longer."""
+        length = config.rollout.max_model_len
+        if config.judge.uses_shared_engines:
+            length = max(length, config.judge.max_model_len)
+        return cls._of(config, config.model.path, length, synced=True)
+
+    @classmethod
+    def judge(cls, config: TrainConfig) -> EngineSpec:
+        """A judge-only engine: the policy's weights (``engine=dedicated``, synced with it) or
+        ``judge.model_path`` (``external_vllm``, never synced), with ``judge.max_model_len``."""
+        judge = config.judge
+        if judge.kind == "external_vllm":
+            return cls._of(config, local_path(judge.model_path), judge.max_model_len, synced=False)
+        return cls._of(config, config.model.path, judge.max_model_len, synced=judge.engines_synced)
+
+    @classmethod
+    def other(cls, config: TrainConfig, model_path: str, max_model_len: int) -> EngineSpec:
+        """An engine on another model (an eval engine, a prompt generator), never synced."""
+        return cls._of(config, local_path(model_path), max_model_len, synced=False)
+
+    @classmethod
+    def _of(cls, config: TrainConfig, path: str, max_model_len: int, synced: bool) -> EngineSpec:
+        """The rollout section's vLLM settings (every engine uses them) for ``path``."""
+        from dynalign.nccl_sync import engine_kwargs as nccl_engine_kwargs
+
+        rollout = config.rollout
+        return cls(path=path, dtype=config.model.dtype, max_model_len=max_model_len,
+                   tensor_parallel_size=rollout.tensor_parallel_size,
+                   gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
+                   trust_remote_code=config.model.trust_remote_code,
+                   sleep=synced and rollout.sleep_while_learning, cpu_kv_cache_gib=rollout.cpu_kv_cache_gib,
+                   vllm_kwargs=nccl_engine_kwargs(config) if synced else {})
+
+
+def local_path(path: str) -> str:
+    """An existing local path made absolute (actors do not run in the driver's working
+    directory); anything else (a hub id) as given."""
+    return str(Path(path).resolve()) if Path(path).exists() else path
+
+
+def engine_env(spec: EngineSpec) -> dict[str, str]:
     """Environment for an engine actor's process (vLLM reads these at start)."""
     return {
-        "VLLM_CPU_KVCACHE_SPACE": str(rollout.cpu_kv_cache_gib),
+        "VLLM_CPU_KVCACHE_SPACE": str(spec.cpu_kv_cache_gib),
         "TOKENIZERS_PARALLELISM": "false",
         # The engine core runs in the actor's own process instead of a child it spawns (which
         # imports torch and vLLM again): the actor already is the isolated process vLLM wants.
@@ -32,38 +96,37 @@ def engine_env(rollout: RolloutConfig) -> dict[str, str]:
 
 
 class EngineWorker:
-    """Base of the rollout and judge actors: one vLLM engine with the policy's weights."""
+    """Base of the engine actors (rollout, judge, eval, prompt generator): one vLLM engine."""
 
-    def __init__(self, config: TrainConfig, name: str, seed: int, max_model_len: int | None = None):
+    def __init__(self, spec: EngineSpec, name: str, seed: int):
         from vllm import LLM
 
-        from dynalign.nccl_sync import engine_kwargs as nccl_engine_kwargs
-
-        self.name = name
-        rollout = config.rollout
+        self.name, self.spec, self.max_model_len = name, spec, spec.max_model_len
+        tp = spec.tensor_parallel_size
         started = time.perf_counter()
         self.llm = LLM(
-            model=config.model.path,
-            dtype=config.model.dtype,
-            max_model_len=max_model_len or rollout.max_model_len,
-            tensor_parallel_size=rollout.tensor_parallel_size,
+            model=spec.path,
+            dtype=spec.dtype,
+            max_model_len=spec.max_model_len,
+            tensor_parallel_size=tp,
             # One GPU (or the CPU): the model runs in this process ("uni"), not in a worker
             # process of its own; tensor parallelism needs vLLM's own worker processes.
-            distributed_executor_backend="uni" if rollout.tensor_parallel_size == 1 else None,
-            gpu_memory_utilization=rollout.gpu_memory_utilization,
-            enforce_eager=rollout.enforce_eager,
+            distributed_executor_backend="uni" if tp == 1 else None,
+            gpu_memory_utilization=spec.gpu_memory_utilization,
+            enforce_eager=spec.enforce_eager,
             seed=seed,
-            trust_remote_code=config.model.trust_remote_code,
+            trust_remote_code=spec.trust_remote_code,
             worker_extension_cls=WORKER_EXTENSION,
             # Log-probs after temperature scaling: what the learner recomputes.
             logprobs_mode="processed_logprobs",
-            enable_sleep_mode=rollout.sleep_while_learning,
+            enable_sleep_mode=spec.sleep,
             # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split in chunks
             # ("CPU Generator does not use offset"); every rollout request is seeded.
             enable_chunked_prefill=False if not torch.cuda.is_available() else None,
-            **nccl_engine_kwargs(config),  # vLLM's weight_transfer_config when the sync is NCCL
+            **spec.vllm_kwargs,  # vLLM's weight_transfer_config when the sync is NCCL
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.special_tokens = tuple(getattr(self.tokenizer, "all_special_tokens", ()) or ())
         self.start_seconds = time.perf_counter() - started
         self.weight_version = 0
 
@@ -88,6 +151,29 @@ class EngineWorker:
         params = [SamplingParams(**{**sampling, "seed": None if seed is None else seed + index})
                   for index in range(len(prompts))]
         return self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+
+    def next_token_mass(self, prompts: list[list[int]], tokens: dict[Any, list[int]]) -> list[dict | None]:
+        """Per prompt (token ids): the probability of each token set (``tokens``: key -> ids) as the
+        next token, under the distribution restricted to all of them (vLLM masks to
+        ``allowed_token_ids``; processed log-probs): one forward pass each. None for a prompt that
+        leaves no room for one more token."""
+        allowed = sorted({t for ids in tokens.values() for t in ids})
+        sampling = {"n": 1, "max_tokens": 1, "temperature": 1.0, "logprobs": len(allowed), "allowed_token_ids": allowed}
+        masses: list[dict | None] = []
+        for out in self.generate_fitting(prompts, sampling):
+            top = None if out is None else out.outputs[0].logprobs[0]
+            masses.append(None if top is None else
+                          {key: sum(math.exp(top[t].logprob) for t in ids if t in top) for key, ids in tokens.items()})
+        return masses
+
+    def generate_fitting(self, prompts: list[list[int]], sampling: dict) -> list:
+        """``generate_from_token_ids`` for the prompts that leave room for one more token in the
+        engine's context; None in place of the others."""
+        fits = [i for i, ids in enumerate(prompts) if len(ids) < self.max_model_len]
+        outputs: list = [None] * len(prompts)
+        for i, out in zip(fits, self.generate_from_token_ids([prompts[i] for i in fits], sampling) if fits else []):
+            outputs[i] = out
+        return outputs
 
     def chat(self, conversations: list[list[dict]], sampling: dict) -> list[list[str]]:
         """Answer each conversation; returns the ``n`` texts per conversation."""
@@ -119,6 +205,12 @@ class EngineWorker:
     def collective_rpc(self, method: str, args: tuple = ()) -> list:
         """Escape hatch for weight-transfer backends that talk to vLLM's workers directly."""
         return self.llm.collective_rpc(method, args=args)
+
+
+def expected_value(mass: dict | None) -> float | None:
+    """E[key] under ``mass`` (key -> probability) renormalised over its keys; None without mass."""
+    total = sum(mass.values()) if mass else 0.0
+    return sum(key * m for key, m in mass.items()) / total if total > 0 else None
 
 
 def split_evenly(items: list, parts: int) -> list[list]:

@@ -51,10 +51,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         config.eval.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not args.baseline and not config.eval.tasks:
         raise ConfigError("eval: give --baseline (value alignment against it) and/or --tasks (lm-eval tasks)")
-    from dynalign.evaluate import check_eval_config, check_model_dir, default_out_dir, run_dir_of
+    from dynalign.evaluate import MODEL_FIX, check_eval_config, default_out_dir, run_dir_of
+    from dynalign.model_fetch import check_model_dir
 
-    policy = check_model_dir(args.policy, "--policy")
-    baseline = check_model_dir(args.baseline, "--baseline") if args.baseline else None
+    policy = check_model_dir(args.policy, "--policy", MODEL_FIX)
+    baseline = check_model_dir(args.baseline, "--baseline", MODEL_FIX) if args.baseline else None
     if config.eval.tasks:
         from dynalign.harness import lm_eval_version
 
@@ -65,9 +66,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if baseline:
         import ray
 
-        from dynalign.evaluate import evaluate_value, init_ray
+        from dynalign.evaluate import evaluate_value
+        from dynalign.placement import init_ray
 
-        started = init_ray(config)
+        started = init_ray(config, cpus_needed=3 * max(config.rollout.num_cpus_per_worker, 1.0))  # three engines
         try:
             result = evaluate_value(config, policy, baseline, out_dir=out, prompts_path=args.prompts,
                                     run_dir=args.run_dir)

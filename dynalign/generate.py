@@ -67,20 +67,17 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
 
     from dynalign.data import load_prompts
     from dynalign.data_report import data_report
-    from dynalign.driver import absolute_paths, check_model_path
-    from dynalign.prompt_gen import (
-        PromptGenerator,
-        PromptStore,
-        load_spec,
-        policy_token_counter,
-        start_generators,
-    )
+    from dynalign.driver import absolute_paths
+    from dynalign.generators import start_generators
+    from dynalign.model_fetch import check_model_dir
+    from dynalign.prompt_gen import PromptGenerator, load_spec, policy_token_counter
+    from dynalign.prompt_store import PromptStore
 
     config = absolute_paths(config)
     load_spec(config.judge.value_spec)  # a bad spec fails before anything starts
     needs_policy = any(g.source == "policy" for g in config.generation.generators)
     if needs_policy:
-        check_model_path(config)
+        check_model_dir(config.model.path, "model.path")
     seeds = load_prompts(config)  # the prompts file seeds the examples (and is checked now)
     out = Path(out)
     try:
@@ -97,13 +94,9 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
     needs_ray = any(g.source in ("policy", "vllm") for g in config.generation.generators)
     try:
         if needs_ray:
-            import ray
+            from dynalign.placement import init_ray
 
-            from dynalign.driver import init_ray
-
-            if not ray.is_initialized():
-                init_ray(config)
-                ray_started = True
+            ray_started = init_ray(config)
         if needs_policy:
             from dynalign.rollout import RolloutPool
 
@@ -146,7 +139,7 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
 
 def write_dataset(store, path: Path, count: int) -> Path:
     """The first ``count`` kept prompts, in the order they were kept, as one Parquet file."""
-    from dynalign.prompt_gen import write_prompt_rows
+    from dynalign.prompt_store import write_prompt_rows
 
     write_prompt_rows(path, store.load()[:count])
     return path

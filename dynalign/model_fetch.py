@@ -54,6 +54,23 @@ KNOWN_MODELS = {
 DTYPES = ("bfloat16", "float32")
 
 
+def check_model_dir(path: str, key: str, fix: str | None = None) -> str:
+    """A model directory given as ``key`` (an option or flag): the absolute path when ``path``
+    names a local directory (it exists, or starts with '.', '/' or 'outputs/'), else ``path`` as
+    given (a hub id, on machines with hub access). A local path without ``config.json`` is a
+    one-line ConfigError saying ``fix`` (default: how to make a model there)."""
+    local = Path(path)
+    if not (local.exists() or path.startswith((".", "/")) or local.parts[:1] == ("outputs",)):
+        return path
+    if not (local / "config.json").is_file():
+        if fix is None:
+            name = next((k for k in KNOWN_MODELS if k in local.name.lower()), None)
+            make = f"dynalign fetch-model {name}" if name else "dynalign make-tiny-model"
+            fix = f"run `{make} {path}` or point {key} at a Hugging Face model directory"
+        raise ConfigError(f"{key} = '{path}': no model there; {fix}")
+    return str(local.resolve())
+
+
 def known(name: str) -> PackagedModel:
     if name not in KNOWN_MODELS:
         raise ConfigError(f"fetch-model {name}: unknown model; known: {', '.join(KNOWN_MODELS)}")

@@ -95,6 +95,24 @@ def role_requests(config: TrainConfig) -> list[RoleRequest]:
     return requests
 
 
+def single_engine_request(config: TrainConfig, role: str) -> RoleRequest:
+    """One engine outside a run's roles (an eval engine) with the rollout engines' resources:
+    ``tensor_parallel_size`` bundles on one node."""
+    rollout = config.rollout
+    return RoleRequest(role, 1, rollout.tensor_parallel_size,
+                       bundle_resources(rollout.num_cpus_per_worker, rollout.num_gpus_per_worker, rollout.resources),
+                       "STRICT_PACK", _keys("rollout", "num_workers", "worker", "resources"))
+
+
+def local_cpus_needed(config: TrainConfig) -> float:
+    """Logical CPUs every role of a run reserves (for a local Ray)."""
+    generators = sum(g.source == "vllm" for g in config.generation.generators) if config.generation.enabled else 0
+    return (config.rollout.num_workers * config.rollout.num_cpus_per_worker
+            + config.judge.actor_count * config.judge.num_cpus_per_worker
+            + config.learner.num_ranks * config.learner.num_cpus_per_rank
+            + generators * config.rollout.num_cpus_per_worker)
+
+
 def _keys(section: str, count: str, per: str, custom: str) -> dict[str, str]:
     return {"units": f"{section}.{count}", "tp": "rollout.tensor_parallel_size",
             "strategy": f"{section}.placement_strategy", "CPU": f"{section}.num_cpus_per_{per}",
@@ -265,11 +283,11 @@ class EnginePlacement:
     """Placement groups for the engines of one role; ``options(i)`` are engine i's actor options."""
 
     def __init__(self, config: TrainConfig, role: str, plan: list[int] | None = None,
-                 nodes: list[Node] | None = None):
+                 nodes: list[Node] | None = None, request: RoleRequest | None = None):
         import ray
         from ray.util.placement_group import placement_group
 
-        request = next(r for r in role_requests(config) if r.role == role)
+        request = request or next(r for r in role_requests(config) if r.role == role)
         self.request, self.role = request, role
         self.tp = request.bundles_per_unit
         self.groups: list[Any] = []
@@ -390,6 +408,30 @@ def link_ray_logs(run_dir: Path) -> Path | None:
         link.unlink()
     link.symlink_to(target, target_is_directory=True)
     return link
+
+
+def init_ray(config: TrainConfig, cpus_needed: float | None = None) -> bool:
+    """Join ``cluster.address`` (or RAY_ADDRESS: inside a Ray job, `dynalign submit`, it names the
+    cluster), or start a new local Ray with room for ``cpus_needed`` logical CPUs (default: every
+    role of a run); returns whether this call initialised Ray (False: it already was)."""
+    import math
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {"TOKENIZERS_PARALLELISM": "false", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+    quiet = not config.logging.verbose  # the actors' own output stays in Ray's session logs
+    address = config.cluster.address or os.environ.get("RAY_ADDRESS", "").strip() or None
+    if address and not address.startswith(("http://", "https://")):  # not a job-submission (dashboard) address
+        from dynalign.submit import driver_runtime_env
+
+        ray.init(address=address, runtime_env=driver_runtime_env({"env_vars": env}), **quiet_ray_options(quiet))
+        return True
+    # Logical CPUs: tiny CPU runs oversubscribe the cores on purpose (engines idle while the learner steps).
+    needed = local_cpus_needed(config) if cpus_needed is None else cpus_needed
+    start_local_ray(config.cluster.num_cpus or max(os.cpu_count() or 1, math.ceil(needed)), env, quiet=quiet)
+    return True
 
 
 def start_local_ray(num_cpus: int, env_vars: dict[str, str], quiet: bool = False) -> None:

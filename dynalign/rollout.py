@@ -6,7 +6,7 @@ import ray
 
 from dynalign.batch import Candidate, Group
 from dynalign.config import TrainConfig
-from dynalign.engine import EngineWorker, call_engines, engine_env, split_evenly
+from dynalign.engine import EngineSpec, EngineWorker, call_engines, engine_env, split_evenly
 from dynalign.judge import JudgeMixin
 
 
@@ -41,8 +41,9 @@ class RolloutPool:
         actor = ray.remote(RolloutWorker)
         self.config = config
         # max_restarts: Ray brings a dead engine back; call_engines restores its weights and retries.
-        self.workers = [actor.options(**self.placement.options(i, engine_env(rollout)), max_restarts=-1)
-                        .remote(config, f"rollout-{i}", rollout.seed + i) for i in range(rollout.num_workers)]
+        spec = EngineSpec.rollout(config)
+        self.workers = [actor.options(**self.placement.options(i, engine_env(spec)), max_restarts=-1)
+                        .remote(spec, f"rollout-{i}", rollout.seed + i) for i in range(rollout.num_workers)]
         self.infos = ray.get([w.info.remote() for w in self.workers])
         self.restore_weights = None  # set by the weight sync once it exists
 

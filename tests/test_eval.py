@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from dynalign.config import ConfigError, EvalConfig, TrainConfig, load_config
+from dynalign.eval_tables import rate_table, summarize, verdicts
 from dynalign.evaluate import (
     EndpointJudge,
     EvalPrompt,
@@ -24,12 +25,9 @@ from dynalign.evaluate import (
     hold_out,
     in_canonical_order,
     load_eval_prompts,
-    parse_verdict,
-    rate_table,
-    summarize,
     training_prompts,
-    verdicts,
 )
+from dynalign.judge.parse import parse_verdict
 from tests.conftest import REPO, tiny_config
 
 EVAL_PROMPTS = REPO / "configs" / "eval" / "value_prompts.jsonl"
@@ -133,7 +131,7 @@ def test_eval_prompts_are_held_out_from_the_smoke_prompts():
 def test_training_prompts_of_a_run(tmp_path):
     """The run's prompts file (from its config.yaml) and generated prompts, narrowed to the ids it
     trained on."""
-    from dynalign.prompt_gen import PromptStore
+    from dynalign.prompt_store import PromptStore
 
     prompts_file = tmp_path / "train.jsonl"
     prompts_file.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"training prompt number {i}"}) + "\n"

@@ -85,7 +85,9 @@ def vllm_server(tiny_model_path, tmp_path_factory):
 def test_generate_through_an_openai_endpoint_served_by_vllm(vllm_server, tmp_path):
     """The OpenAI-compatible client generates two iterations of prompts through the server
     (bounded: 6 requests each, 32 tokens)."""
-    from dynalign.prompt_gen import PromptGenerator, PromptStore, start_generators
+    from dynalign.generators import start_generators
+    from dynalign.prompt_gen import PromptGenerator
+    from dynalign.prompt_store import PromptStore
 
     port = vllm_server["port"]
     config = load_config(None, [

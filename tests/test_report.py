@@ -43,7 +43,7 @@ def _metrics(iterations: int = 5) -> list[dict]:
 
 def _value_alignment(tmp_path: Path) -> dict:
     """A value-alignment result made by the real summary code from synthetic judgements."""
-    from dynalign.evaluate import summarize, verdicts, write_outputs
+    from dynalign.eval_tables import summarize, verdicts, write_outputs
 
     ev = EvalConfig(bootstrap_samples=200)
     rows = []
@@ -82,7 +82,7 @@ def make_run(run_dir: Path, iterations: int = 5, with_prompts: bool = True) -> P
                            "baseline": {"dynalign_exact": {"exact_match": 0.1875}}}}
     (run_dir / "eval" / "harness.json").write_text(json.dumps(harness))
     if with_prompts:
-        from dynalign.prompt_gen import PromptStore
+        from dynalign.prompt_store import PromptStore
 
         words = ["river", "school", "garden", "budget", "clinic", "library", "bridge", "forest", "market", "harbour"]
         for iteration in range(2):

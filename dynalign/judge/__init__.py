@@ -22,14 +22,15 @@ The engine side is ``JudgeMixin`` (engine.py): any ``EngineWorker`` that inherit
 rollout actors do, for ``engine=shared``). Unparseable or failed judgements are retried, then marked
 invalid (NaN): GRPO leaves them out of the advantages, and they are counted in the metrics.
 
-Modules: prompts (fencing, rendering), parse (reading scores), jobs (modes, requests, retries),
-engine (actor side), base (the Judge interface, rule judge), endpoint (OpenAI), pool (engine
-judges, make_judge), rewards (from judgements to rewards, metrics).
+Modules: prompts (fencing, rendering; the pairwise prompt of `dynalign eval`), parse (reading
+scores and verdicts), jobs (modes, requests, retries), engine (actor side, score tokens), base (the
+Judge interface, rule judge), endpoint (OpenAI), pool (engine judges, make_judge), rewards (from
+judgements to rewards, metrics).
 """
 
 from dynalign.judge.base import Judge, ModelJudge, RuleJudge
 from dynalign.judge.endpoint import OpenAIJudge
-from dynalign.judge.engine import JudgeMixin, JudgeWorker, score_token_ids
+from dynalign.judge.engine import JudgeMixin, JudgeWorker, score_token_ids, single_token_ids
 from dynalign.judge.jobs import (
     Job,
     JudgeMode,
@@ -39,12 +40,19 @@ from dynalign.judge.jobs import (
     judge_text_groups,
     run_jobs,
 )
-from dynalign.judge.parse import final_answer, message_text, parse_group_scores, parse_score
+from dynalign.judge.parse import (
+    final_answer,
+    message_text,
+    parse_group_scores,
+    parse_score,
+    parse_verdict,
+)
 from dynalign.judge.pool import OwnEngineJudge, SharedEngineJudge, make_judge
 from dynalign.judge.prompts import (
     fence,
     format_instructions,
     judge_messages,
+    pairwise_messages,
     render,
     rubric_text,
     score_label,
@@ -62,7 +70,7 @@ __all__ = [
     "Job", "Judge", "JudgeMixin", "JudgeMode", "JudgeRequestError", "JudgeWorker", "ModelJudge", "OpenAIJudge",
     "OwnEngineJudge", "RuleJudge", "SharedEngineJudge", "aggregate_pillars", "fence", "final_answer",
     "format_instructions", "group_orders", "judge_messages", "judge_metrics", "judge_mode", "judge_text_groups",
-    "log_score_histogram", "make_judge", "message_text", "parse_group_scores", "parse_score", "render",
-    "repeat_agreement", "rubric_text", "run_jobs", "score_label", "score_token_ids", "shape_rewards",
-    "summarize_judgements",
+    "log_score_histogram", "make_judge", "message_text", "pairwise_messages", "parse_group_scores", "parse_score",
+    "parse_verdict", "render", "repeat_agreement", "rubric_text", "run_jobs", "score_label", "score_token_ids",
+    "shape_rewards", "single_token_ids", "summarize_judgements",
 ]

@@ -1,4 +1,5 @@
-"""Reading scores: only the judge's own output, only its final answer (a reasoning part is skipped)."""
+"""Reading scores and pairwise verdicts: only the judge's own output, only its final answer (a
+reasoning part is skipped)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,22 @@ def parse_group_scores(judge_output: str | None, count: int, score_min: int, sco
         if 1 <= position <= count and value is not None:
             scores[position - 1] = value
     return scores
+
+
+_VERDICT = re.compile(r"winner\W{0,6}(?:is\W{0,3})?(?:answer\W{0,3})?(1|2|tie|none|neither|both)\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str | None) -> float | None:
+    """The judge's last 'Winner: 1|2|tie' as its preference for answer 1 (1, 0, 0.5), or None.
+
+    Tolerant of markdown and wording ('**Winner:** Answer 2', 'winner - tie', 'Winner: neither');
+    a reasoning part (``<think>...</think>``) is skipped, as for scores."""
+    answer = final_answer(text)
+    matches = _VERDICT.findall(answer) if answer else []
+    if not matches:
+        return None
+    last = matches[-1].lower()
+    return 1.0 if last == "1" else 0.0 if last == "2" else 0.5
 
 
 def message_text(message) -> str:

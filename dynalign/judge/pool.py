@@ -8,13 +8,10 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import ray
 
 from dynalign.config import TrainConfig
-from dynalign.engine import TIMED_OUT, call_engines, engine_env, split_evenly
+from dynalign.engine import TIMED_OUT, EngineSpec, call_engines, engine_env, split_evenly
 from dynalign.judge.base import Judge, ModelJudge, RuleJudge
 from dynalign.judge.endpoint import OpenAIJudge
 from dynalign.judge.engine import JudgeWorker
@@ -79,17 +76,16 @@ class OwnEngineJudge(EngineJudge):
         super().__init__(config)
         judge = config.judge
         self.placement = None
-        if judge.kind == "external_vllm" and Path(judge.model_path).exists():  # actors run elsewhere
-            config = copy.deepcopy(config)
-            config.judge.model_path = str(Path(judge.model_path).resolve())
+        spec = EngineSpec.judge(config)
+        env = engine_env(spec)
         if any(r.role == "judge" for r in role_requests(config)):
             self.placement = engine_placement(config, "judge")  # fit check + placement groups
-            options = [self.placement.options(i, engine_env(config.rollout)) for i in range(judge.num_workers)]
+            options = [self.placement.options(i, env) for i in range(judge.num_workers)]
         else:  # a role the placement plan does not know: plain actors
             options = [{"num_cpus": judge.num_cpus_per_worker, "num_gpus": judge.num_gpus_per_worker,
-                        "runtime_env": {"env_vars": engine_env(config.rollout)}}] * judge.num_workers
+                        "runtime_env": {"env_vars": env}}] * judge.num_workers
         actor = ray.remote(JudgeWorker)
-        self.workers = [actor.options(**options[i], max_restarts=-1).remote(config, f"judge-{i}", config.seed + 7919 * (i + 1))
+        self.workers = [actor.options(**options[i], max_restarts=-1).remote(spec, f"judge-{i}", config.seed + 7919 * (i + 1))
                         for i in range(judge.num_workers)]
         self.infos = ray.get([w.info.remote() for w in self.workers])
         if judge.engines_synced:
