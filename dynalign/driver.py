@@ -38,7 +38,7 @@ from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
 from dynalign.value import check_value_spec
-from dynalign.weight_sync import WeightSync
+from dynalign.weight_sync import SyncedEngines, WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class System:
     judge: Judge
     learner: LearnerGroup
     weight_sync: WeightSync
+    engines: SyncedEngines  # the engines the weight sync keeps current (rollout + a dedicated judge's)
 
     @classmethod
     def start(cls, config: TrainConfig, run_dir: Path) -> System:
@@ -63,10 +64,11 @@ class System:
         # (sleep_while_learning): vLLM sizes its KV cache from the memory free at its start.
         learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train",
                                wait=config.rollout.sleep_while_learning)
+        engines = SyncedEngines(sleep_while_learning=config.rollout.sleep_while_learning)
         rollout = judge = None
         try:
-            rollout = RolloutPool(config)
-            judge = make_judge(config, rollout)  # judge.engine=shared judges on the rollout engines
+            rollout = RolloutPool(config, engines)
+            judge = make_judge(config, rollout, engines)  # judge.engine=shared judges on the rollout engines
             if not learner.infos:
                 learner.wait_ready()
         except BaseException:
@@ -75,14 +77,13 @@ class System:
                 if role is not None:
                     role.shutdown()
             raise
-        engines = rollout.workers + judge.synced_workers  # + judge engines only for a dedicated policy judge
-        if config.rollout.sleep_while_learning:
-            learner = placement.SleepingEnginesLearner(learner, engines)
-        names = [i["name"] for i in rollout.infos] + judge.synced_names
-        weight_sync = WeightSync(config, engines, names)
-        rollout.restore_weights = weight_sync.restore  # for an engine Ray had to restart
-        judge.restore_weights = weight_sync.restore if config.judge.engines_synced else None
-        return cls(rollout, judge, learner, weight_sync)
+        # From here on an engine Ray restarts gets the weights of the last sync (engines.restore).
+        return cls(rollout, judge, learner, WeightSync(config, engines), engines)
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """One learner update; with ``rollout.sleep_while_learning`` the engines sleep through it."""
+        with self.engines.asleep():
+            return self.learner.train_step(samples)
 
     def placement(self) -> dict:
         """Where each role's processes run (Ray node id, pid), as ``run_dir/placement.json`` keeps it."""
@@ -169,7 +170,7 @@ def run_iteration(system: System, source: PromptSource, config: TrainConfig, ite
     groups, data_stats = sample_scored_groups(system, iteration_prompts, config, iteration, timings)  # 2-3
     with timings("learn"):
         samples, advantage_stats = to_samples(groups, config)
-        learn_stats = system.learner.train_step(samples)                                             # 4
+        learn_stats = system.train_step(samples)                                                     # 4
     with timings("sync"):
         sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)                  # 5
     return groups, {**prefixed("prompts", prompt_stats), **data_stats, **prefixed("adv", advantage_stats),
