@@ -184,7 +184,7 @@ class FakeLearnerWritingShards:
         Path(directory).mkdir(parents=True)
         (Path(directory) / "mp_rank_00_model_states.pt").write_bytes(os.urandom(self.shard_bytes))
 
-    def save_policy(self, directory):
+    def save_policy(self, directory, dtype_name=None):
         Path(directory).mkdir(parents=True)
         (Path(directory) / "model.safetensors").write_bytes(b"w" * 1024)
 
