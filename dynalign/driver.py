@@ -123,10 +123,11 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     stop = GracefulStop()
     history: dict[int, dict] = {}
     source = PromptSource(config, prompts)
+    logger = None
     try:
         source = PromptSource.start(config, prompts, system.rollout, run_dir)  # the prompts file, or generation
         iteration = restore(system, source, resume_from, run_dir, history) if resume_from else 0
-        logger = MetricsLogger(run_dir, config.logging.tensorboard)
+        logger = MetricsLogger(run_dir, config)  # metrics.jsonl and logging.backends' trackers
         progress = tqdm(total=config.iterations, initial=iteration, desc="iterations", disable=not config.logging.progress)
         while iteration < config.iterations:
             try:
@@ -149,8 +150,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         progress.close()
         if iteration >= config.iterations and config.checkpoint.save_final_policy:
             system.learner.save_policy(run_dir / "policy")
-        logger.close()
     finally:
+        if logger is not None:
+            logger.close()
         stop.restore()
         source.close()
         system.shutdown()
@@ -359,7 +361,8 @@ def prepare_run_dir(run_dir: Path, fresh: bool, overwrite: bool) -> None:
     for name in earlier:
         target = run_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    for tracker_dir in ("tensorboard", "wandb", "mlruns"):  # logging.backends' local files
+        shutil.rmtree(run_dir / tracker_dir, ignore_errors=True)
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

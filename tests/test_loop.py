@@ -205,7 +205,7 @@ def test_all_groups_tied_warns_and_the_update_is_a_no_op(ray_local, tiny_model_p
 
     config = tiny_config(tiny_model_path, tmp_path / "run", "judge.kind=rule", "judge.rule=length",
                          "rollout.max_new_tokens=1", "iterations=2", "learner.max_refill_rounds=1",
-                         "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.tensorboard=false",
+                         "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.backends=[]",
                          "learner.num_ranks=1")
     train(config)
     err = capfd.readouterr().err

@@ -22,7 +22,7 @@ def _train_command(model_path: str, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dynalign.cli", "train", "--config", str(REPO / "configs/smoke.yaml"),
             f"model.path={model_path}", f"run_dir={run_dir}", "judge.kind=rule", f"iterations={ITERATIONS}",
             "learner.lr=5e-3", "checkpoint.every=1", "checkpoint.keep_last=5", "logging.progress=false",
-            "logging.tensorboard=false", "logging.report=false", "cluster.num_cpus=4", *extra]
+            "logging.backends=[]", "logging.report=false", "cluster.num_cpus=4", *extra]
 
 
 def _env() -> dict:
