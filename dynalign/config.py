@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from omegaconf import OmegaConf
 
@@ -196,16 +196,47 @@ class CheckpointConfig:
     every: int = opt(0, "Checkpoint every N iterations (0: only at the end).", min=0)
     keep_last: int = opt(2, "Checkpoints kept on disk.", min=1)
     save_final_policy: bool = opt(True, "Save the final policy in Hugging Face format under run_dir/policy.")
+    policy_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "dtype of the saved final policy (run_dir/policy): auto is the dtype in the model's own config.json (float32 when it names none); checkpoints keep float32.")
+
+
+TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # tracker -> the package it needs (extra `trackers`)
 
 
 @dataclass
 class LoggingConfig:
-    tensorboard: bool = opt(True, "Also write metrics to TensorBoard under run_dir/tensorboard.")
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] = opt(["tensorboard"], "Trackers that get every iteration's metrics (and the resolved config, once) besides metrics.jsonl: tensorboard (run_dir/tensorboard), wandb (offline by default: run_dir/wandb), mlflow (a local file store by default: run_dir/mlruns); [] for none. wandb and mlflow need `pip install 'dynalign[trackers]'`.")
+    project: str = opt("dynalign", "wandb project and mlflow experiment the run is logged under.")
+    run_name: str | None = opt(None, "Run name in wandb and mlflow (None: the name of run_dir's folder).")
+    wandb_mode: Literal["offline", "online"] = opt("offline", "wandb: offline writes the run under run_dir/wandb only (`wandb sync` uploads it later); online sends it as it goes (needs network access and `wandb login`).")
+    mlflow_tracking_uri: str | None = opt(None, "mlflow: where runs are stored, e.g. http://host:5000 or file:///shared/mlruns (None: a local file store, file://run_dir/mlruns).")
     progress: bool = opt(True, "Show a tqdm progress bar over iterations.")
     log_samples: int = opt(2, "Candidate answers (with scores) written to samples.jsonl per iteration.", min=0)
     report: bool = opt(True, "Write the run report (plots and tables, run_dir/report/index.html) when the run ends.")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = opt("INFO", "dynalign's own console messages at this level and above (`dynalign: ...` on stdout, `dynalign: warning: ...` on stderr).")
     verbose: bool = opt(False, "Show Ray's, vLLM's, DeepSpeed's and transformers' own output on the console (`train --verbose`); otherwise it stays in the Ray session logs, linked as run_dir/logs/ray.")
+
+    def check(self) -> None:
+        """Each tracker named once, and its package installed (wandb and mlflow are optional)."""
+        import importlib.util
+
+        value = f"logging.backends = [{', '.join(self.backends)}]"
+        for backend in self.backends:
+            if self.backends.count(backend) > 1:
+                raise ConfigError(f"{value}: {backend} is named twice; name each tracker once")
+            package = TRACKER_PACKAGES.get(backend)
+            if package and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"{value}: the {backend} tracker needs the {package} package, which is not installed; "
+                                  f"pip install {package} (or pip install 'dynalign[trackers]'), or take {backend} "
+                                  "out of logging.backends")
+
+    def set_tensorboard(self, enabled: bool) -> None:
+        """``logging.tensorboard``, the option before ``logging.backends``, still accepted: true adds
+        tensorboard to the backends, false takes it out."""
+        others = [b for b in self.backends if b != "tensorboard"]
+        self.backends = ["tensorboard", *others] if enabled else others
+
+    # Former option names still accepted: name -> (type, method that applies the value).
+    aliases: ClassVar[dict] = {"tensorboard": (bool, set_tensorboard)}
 
 
 @dataclass
@@ -316,6 +347,7 @@ class TrainConfig:
             raise ConfigError(f"judge.score_min = {self.judge.score_min} must be below judge.score_max = {self.judge.score_max}")
         self.judge.check()
         self.learner.check()
+        self.logging.check()
         needed = self.data.max_prompt_tokens + self.rollout.max_new_tokens
         if self.rollout.max_model_len < needed:
             raise ConfigError(
@@ -442,6 +474,10 @@ def apply_values(config: Any, values: dict, source: str, prefix: str = "") -> No
     hints = typing.get_type_hints(type(config))
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if key not in fields and key in getattr(config, "aliases", {}):
+            hint, apply = config.aliases[key]
+            apply(config, _coerce(dotted, value, hint, {}, source))
+            continue
         if key not in fields:
             close = _closest(str(key), fields)
             hint = f"; did you mean '{prefix}{close}'?" if close else f"; known keys: {', '.join(fields)}"
@@ -493,6 +529,14 @@ def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping, source: str) 
             items.append(args[0]())
             apply_values(items[-1], item, source, prefix=f"{key}[{index}].")
         return items
+    elif origin is list and args and typing.get_origin(args[0]) is Literal:
+        allowed = typing.get_args(args[0])
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list of {', '.join(allowed)}, e.g. [{allowed[0]}]")
+        for item in value:
+            if item not in allowed:
+                raise ConfigError(f"{where}: {item!r} is not one of {', '.join(allowed)}")
+        return list(value)
     elif hint in (list, dict) or origin in (list, dict):
         if not isinstance(value, origin or hint):
             raise ConfigError(f"{where} must be a {(origin or hint).__name__}")

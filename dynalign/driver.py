@@ -37,7 +37,7 @@ from dynalign.prompt_gen import PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
 from dynalign.value import check_value_spec
-from dynalign.weight_sync import WeightSync
+from dynalign.weight_sync import SyncedEngines, WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ class System:
     judge: Judge
     learner: LearnerGroup
     weight_sync: WeightSync
+    engines: SyncedEngines  # the engines the weight sync keeps current (rollout + a dedicated judge's)
 
     @classmethod
     def start(cls, config: TrainConfig, run_dir: Path) -> System:
@@ -62,10 +63,11 @@ class System:
         # (sleep_while_learning): vLLM sizes its KV cache from the memory free at its start.
         learner = LearnerGroup(config, storage_path=config.cluster.storage_path or run_dir / "ray_train",
                                wait=config.rollout.sleep_while_learning)
+        engines = SyncedEngines(sleep_while_learning=config.rollout.sleep_while_learning)
         rollout = judge = None
         try:
-            rollout = RolloutPool(config)
-            judge = make_judge(config, rollout)  # judge.engine=shared judges on the rollout engines
+            rollout = RolloutPool(config, engines)
+            judge = make_judge(config, rollout, engines)  # judge.engine=shared judges on the rollout engines
             if not learner.infos:
                 learner.wait_ready()
         except BaseException:
@@ -74,14 +76,13 @@ class System:
                 if role is not None:
                     role.shutdown()
             raise
-        engines = rollout.workers + judge.synced_workers  # + judge engines only for a dedicated policy judge
-        if config.rollout.sleep_while_learning:
-            learner = placement.SleepingEnginesLearner(learner, engines)
-        names = [i["name"] for i in rollout.infos] + judge.synced_names
-        weight_sync = WeightSync(config, engines, names)
-        rollout.restore_weights = weight_sync.restore  # for an engine Ray had to restart
-        judge.restore_weights = weight_sync.restore if config.judge.engines_synced else None
-        return cls(rollout, judge, learner, weight_sync)
+        # From here on an engine Ray restarts gets the weights of the last sync (engines.restore).
+        return cls(rollout, judge, learner, WeightSync(config, engines), engines)
+
+    def train_step(self, samples: list[Sample]) -> dict[str, float]:
+        """One learner update; with ``rollout.sleep_while_learning`` the engines sleep through it."""
+        with self.engines.asleep():
+            return self.learner.train_step(samples)
 
     def placement(self) -> dict:
         """Where each role's processes run (Ray node id, pid), as ``run_dir/placement.json`` keeps it."""
@@ -121,10 +122,11 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     stop = GracefulStop()
     history: dict[int, dict] = {}
     source = PromptSource(config, prompts)
+    logger = None
     try:
         source = PromptSource.start(config, prompts, system.rollout, run_dir)  # the prompts file, or generation
         iteration = restore(system, source, resume_from, run_dir, history) if resume_from else 0
-        logger = MetricsLogger(run_dir, config.logging.tensorboard)
+        logger = MetricsLogger(run_dir, config)  # metrics.jsonl and logging.backends' trackers
         progress = tqdm(total=config.iterations, initial=iteration, desc="iterations", disable=not config.logging.progress)
         while iteration < config.iterations:
             try:
@@ -147,8 +149,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
         progress.close()
         if iteration >= config.iterations and config.checkpoint.save_final_policy:
             system.learner.save_policy(run_dir / "policy")
-        logger.close()
     finally:
+        if logger is not None:
+            logger.close()
         stop.restore()
         source.close()
         system.shutdown()
@@ -168,7 +171,7 @@ def run_iteration(system: System, source: PromptSource, config: TrainConfig, ite
     groups, data_stats = sample_scored_groups(system, iteration_prompts, config, iteration, timings)  # 2-3
     with timings("learn"):
         samples, advantage_stats = to_samples(groups, config)
-        learn_stats = system.learner.train_step(samples)                                             # 4
+        learn_stats = system.train_step(samples)                                                     # 4
     with timings("sync"):
         sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)                  # 5
     return groups, {**prefixed("prompts", prompt_stats), **data_stats, **prefixed("adv", advantage_stats),
@@ -345,7 +348,8 @@ def prepare_run_dir(run_dir: Path, fresh: bool, overwrite: bool) -> None:
     for name in earlier:
         target = run_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+    for tracker_dir in ("tensorboard", "wandb", "mlruns"):  # logging.backends' local files
+        shutil.rmtree(run_dir / tracker_dir, ignore_errors=True)
 
 
 def absolute_paths(config: TrainConfig) -> TrainConfig:

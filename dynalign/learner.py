@@ -161,6 +161,7 @@ class PolicyTrainer:
         learner = config.learner
         torch.manual_seed(config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
+        self.policy_dtype = policy_dtype(config.checkpoint.policy_dtype, config.model.path)  # before float32 loading
         model = AutoModelForCausalLM.from_pretrained(
             config.model.path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
         if learner.gradient_checkpointing:
@@ -334,16 +335,16 @@ class PolicyTrainer:
                 refs.append(ray.put(blob))
         return {"buckets": refs, "bytes": total} if self.rank == 0 else None
 
-    def save_policy(self, path: str) -> str | None:
-        """Hugging Face format (loadable by transformers and vLLM), written atomically by rank 0."""
+    def save_policy(self, path: str, dtype_name: str | None = None) -> str | None:
+        """Hugging Face format (loadable by transformers and vLLM), written atomically by rank 0, in
+        ``dtype_name`` (default: ``checkpoint.policy_dtype``, auto = the model's own dtype)."""
+        dtype_name = dtype_name or self.policy_dtype
         state = {}
-        for bucket in self.weight_buckets(512 * 2**20, torch.float32):
+        for bucket in self.weight_buckets(512 * 2**20, getattr(torch, dtype_name)):
             state.update(bucket) if self.rank == 0 else None
         if self.rank != 0:
             return None
-        with atomic_directory(path) as staging:
-            self.engine.module.save_pretrained(staging, state_dict=state)
-            self.tokenizer.save_pretrained(staging)
+        write_policy(self.engine.module, self.tokenizer, state, path, dtype_name)
         return str(Path(path))
 
     def save_checkpoint(self, directory: str) -> None:
@@ -396,6 +397,38 @@ class PolicyTrainer:
     def nccl_send(self, bucket_bytes: int, dtype_name: str) -> dict | None:
         from dynalign.nccl_sync import nccl_send
         return nccl_send(self, bucket_bytes, dtype_name)
+
+
+def policy_dtype(option: str, model_path: str) -> str:
+    """The dtype name the final policy is saved in: ``checkpoint.policy_dtype``, or for ``auto``
+    the one the model's own config.json names (``dtype``, formerly ``torch_dtype``), float32 when
+    it names no floating dtype."""
+    if option != "auto":
+        return option
+    from transformers import PretrainedConfig
+
+    values, _ = PretrainedConfig.get_config_dict(model_path)
+    name = str(values.get("dtype") or values.get("torch_dtype") or "float32").removeprefix("torch.")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state`` with its floating-point tensors in ``dtype`` (integer buffers stay as they are)."""
+    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+
+
+def write_policy(model, tokenizer, state: dict[str, torch.Tensor], path: str | os.PathLike, dtype_name: str) -> None:
+    """``model`` with the weights ``state`` in Hugging Face format under ``path`` (atomically), in
+    ``dtype_name``; its config.json names that dtype, so transformers and vLLM load it as such."""
+    with atomic_directory(path) as staging:
+        model.save_pretrained(staging, state_dict=cast_floating(state, getattr(torch, dtype_name)))
+        saved_as = model.config.dtype  # save_pretrained wrote the live module's dtype (float32)
+        model.config.dtype = dtype_name
+        try:
+            model.config.save_pretrained(staging)
+        finally:
+            model.config.dtype = saved_as
+        tokenizer.save_pretrained(staging)
 
 
 def _group_token() -> str:
@@ -553,8 +586,9 @@ class LearnerGroup:
     def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict:
         return self.call("export_weights", bucket_bytes, dtype_name)[0]
 
-    def save_policy(self, path: str | os.PathLike) -> str:
-        return self.call("save_policy", str(path))[0]
+    def save_policy(self, path: str | os.PathLike, dtype_name: str | None = None) -> str:
+        """The policy in Hugging Face format, in ``dtype_name`` (default: ``checkpoint.policy_dtype``)."""
+        return self.call("save_policy", str(path), dtype_name)[0]
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
         self.call("save_checkpoint", str(directory))

@@ -359,30 +359,8 @@ def engine_placement(config: TrainConfig, role: str) -> EnginePlacement:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sharing GPUs: engines sleep while the learner steps
+# Ray's own output
 # ---------------------------------------------------------------------------------------------
-
-class SleepingEnginesLearner:
-    """Wraps the learner group: with ``rollout.sleep_while_learning`` every engine sleeps (vLLM
-    sleep mode level 1: weights to host memory, KV cache freed) during ``train_step`` and wakes up
-    before the weight sync. Every other attribute is the wrapped learner's."""
-
-    def __init__(self, learner, engines: list, level: int = 1, get=None):
-        import ray
-
-        self._learner, self._engines, self._level = learner, engines, level
-        self._get = get or ray.get
-
-    def train_step(self, samples):
-        self._get([e.sleep.remote(self._level) for e in self._engines])
-        try:
-            return self._learner.train_step(samples)
-        finally:
-            self._get([e.wake_up.remote() for e in self._engines])
-
-    def __getattr__(self, name):
-        return getattr(self._learner, name)
-
 
 def quiet_ray_options(quiet: bool) -> dict:
     """ray.init options that keep the actors' output (vLLM, DeepSpeed, transformers) and Ray's own

@@ -8,6 +8,7 @@ from dynalign.batch import Candidate, Group
 from dynalign.config import TrainConfig
 from dynalign.engine import EngineSpec, EngineWorker, call_engines, engine_env, split_evenly
 from dynalign.judge import JudgeMixin
+from dynalign.weight_sync import SyncedEngines
 
 
 class RolloutWorker(JudgeMixin, EngineWorker):  # JudgeMixin: judge.engine=shared judges here
@@ -33,7 +34,9 @@ class RolloutWorker(JudgeMixin, EngineWorker):  # JudgeMixin: judge.engine=share
 class RolloutPool:
     """The rollout actors; prompts are spread over them in contiguous shares."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, synced: SyncedEngines | None = None):
+        """``synced``: where the engines join the weight sync's targets (a new SyncedEngines
+        without one)."""
         from dynalign.placement import engine_placement
 
         rollout = config.rollout
@@ -45,7 +48,8 @@ class RolloutPool:
         self.workers = [actor.options(**self.placement.options(i, engine_env(spec)), max_restarts=-1)
                         .remote(spec, f"rollout-{i}", rollout.seed + i) for i in range(rollout.num_workers)]
         self.infos = ray.get([w.info.remote() for w in self.workers])
-        self.restore_weights = None  # set by the weight sync once it exists
+        self.synced = synced if synced is not None else SyncedEngines()
+        self.synced.add(self.workers, [info["name"] for info in self.infos])
 
     def sampling(self, iteration: int, round_index: int = 0) -> dict:
         rollout = self.config.rollout
@@ -64,7 +68,7 @@ class RolloutPool:
             if share:
                 jobs.append((worker, info["name"], "generate_groups", (share, {**sampling, "seed": sampling["seed"] + offset})))
             offset += len(share)
-        return [group for share in call_engines(jobs, self.restore_weights) for group in share]
+        return [group for share in call_engines(jobs, self.synced.restore) for group in share]
 
     def shutdown(self) -> None:
         for worker in self.workers:

@@ -9,6 +9,7 @@ Both time out with the names of the engines that did not finish, instead of hang
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import ray
 
@@ -17,18 +18,72 @@ from dynalign.nccl_sync import NcclWeightSync
 from dynalign.sync_backend import WeightSyncError, choose_backend
 
 
+class SyncedEngines:
+    """The engine actors that hold the policy's weights, and everything done to all of them: the
+    rollout pool adds its engines, a dedicated policy judge its own (``add``, at their start); the
+    weight sync targets ``workers`` (named ``names``) and, once it exists, ``restore`` puts its
+    current weights into an engine that Ray restarted (before, the initial weights are current);
+    with ``rollout.sleep_while_learning`` the engines sleep while the learner steps (``asleep``).
+    ``get`` waits on actor calls (``ray.get``; tests pass a stand-in)."""
+
+    def __init__(self, sleep_while_learning: bool = False, get=None):
+        self.workers: list = []
+        self.names: list[str] = []
+        self.sleep_while_learning = sleep_while_learning
+        self._get = get or ray.get
+        self._weights = None  # the WeightSync holding the current weights, once there is one
+
+    def add(self, workers: list, names: list[str]) -> None:
+        self.workers += workers
+        self.names += names
+
+    def restore_from(self, weight_sync) -> None:
+        """``weight_sync`` holds the current weights from now on (it calls this once it exists)."""
+        self._weights = weight_sync
+
+    def restore(self, worker, name: str) -> None:
+        """Put the current weights into ``worker``, an engine Ray restarted (it came back with the
+        model's initial weights)."""
+        if self._weights is not None:
+            self._weights.restore(worker, name)
+
+    def sleep(self, level: int = 1) -> None:
+        """vLLM sleep mode on every engine (level 1: weights to host memory, KV cache freed; GPU only)."""
+        self._get([worker.sleep.remote(level) for worker in self.workers])
+
+    def wake_up(self) -> None:
+        self._get([worker.wake_up.remote() for worker in self.workers])
+
+    @contextmanager
+    def asleep(self):
+        """With ``rollout.sleep_while_learning`` every engine sleeps inside (so the learner can
+        use their GPU memory) and wakes up after, before the weight sync; otherwise nothing."""
+        if not self.sleep_while_learning:
+            yield
+            return
+        self.sleep()
+        try:
+            yield
+        finally:
+            self.wake_up()
+
+
 class WeightSync:
-    def __init__(self, config: TrainConfig, engines: list, engine_names: list[str]):
+    """Pushes the learner's weights into every engine of ``engines`` (``sync``) and becomes what
+    ``engines.restore`` restores from."""
+
+    def __init__(self, config: TrainConfig, engines: SyncedEngines):
         self.config = config
-        self.engines, self.engine_names = engines, engine_names
+        self.engines = engines
         self.backend = choose_backend(config)
         self.last_export, self.version = None, 0  # what a restarted engine must get back
         if self.backend == "nccl":
             # Same contract, other transport: these instance attributes stand in for the methods below.
-            nccl = NcclWeightSync(config, engines, engine_names)
+            nccl = NcclWeightSync(config, engines.workers, engines.names)
             self.sync, self.restore = nccl.sync, nccl.restore
         elif self.backend != "reload":
             raise WeightSyncError(f"sync.backend = '{self.backend}' is not available in this build; use sync.backend=reload")
+        engines.restore_from(self)
 
     def sync(self, learner, version: int) -> dict[str, float]:
         """Push the learner's weights into every engine; returns seconds and bytes moved."""
@@ -36,14 +91,14 @@ class WeightSync:
         exported = learner.export_weights(int(self.config.sync.bucket_mb * 2**20), self.config.model.dtype)
         export_seconds = time.perf_counter() - started
         pending = {}
-        for engine, name in zip(self.engines, self.engine_names):
+        for engine, name in zip(self.engines.workers, self.engines.names):
             staged = [engine.stage_weights.remote(bucket) for bucket in exported["buckets"]]
             # Actor calls run in order, so apply runs after every bucket is staged.
             pending[engine.apply_staged_weights.remote(version)] = (name, staged)
         self._wait(pending, started)
         self.last_export, self.version = exported, version
         seconds = time.perf_counter() - started
-        moved = exported["bytes"] * len(self.engines)
+        moved = exported["bytes"] * len(self.engines.workers)
         return {"sync_seconds": seconds, "sync_export_seconds": export_seconds, "sync_bytes": float(moved),
                 "sync_buckets": float(len(exported["buckets"])), "sync_gb_per_s": moved / max(seconds, 1e-9) / 1e9}
 

@@ -26,7 +26,6 @@ import pytest
 from dynalign.config import ConfigError, load_config
 from dynalign.placement import (
     Node,
-    SleepingEnginesLearner,
     check_fits,
     place_units,
     role_requests,
@@ -213,10 +212,15 @@ def test_engines_sleep_while_the_learner_steps():
             calls.append(("train_step", (samples,)))
             return {"loss": 1.0}
 
-    wrapped = SleepingEnginesLearner(Learner(), [Engine(), Engine()], get=lambda refs: refs)
-    assert wrapped.train_step("batch") == {"loss": 1.0}
+    from dynalign.driver import System
+    from dynalign.weight_sync import SyncedEngines
+
+    engines = SyncedEngines(sleep_while_learning=True, get=lambda refs: refs)
+    engines.add([Engine(), Engine()], ["rollout-0", "judge-0"])
+    system = System(rollout=None, judge=None, learner=Learner(), weight_sync=None, engines=engines)
+    assert system.train_step("batch") == {"loss": 1.0}
     assert [c[0] for c in calls] == ["sleep", "sleep", "train_step", "wake_up", "wake_up"]
-    assert calls[0][1] == (1,) and wrapped.infos == ["rank0"]
+    assert calls[0][1] == (1,) and system.learner.infos == ["rank0"]
 
 
 # ---------------------------------------------------------------------------------------------

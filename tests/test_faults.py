@@ -62,7 +62,7 @@ def test_rollout_and_judge_actors_killed_mid_call_run_completes(ray_local, tiny_
     prompts_per_iteration, group_size = 4, 4
     config = tiny_config(tiny_model_path, run_dir, "iterations=3", "judge.engine=dedicated", "rollout.num_workers=1",
                          f"data.prompts_per_iteration={prompts_per_iteration}", f"rollout.group_size={group_size}",
-                         "learner.lr=1e-2", "logging.tensorboard=false", "checkpoint.every=0",
+                         "learner.lr=1e-2", "logging.backends=[]", "checkpoint.every=0",
                          "learner.num_ranks=1")  # the engines are what this test is about
     with ActorKiller(["RolloutWorker.generate_groups", "JudgeWorker.judge_groups"],
                      armed=lambda: (run_dir / "metrics.jsonl").exists()) as killer:

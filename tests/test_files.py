@@ -122,7 +122,7 @@ def test_read_metrics_after_a_crash_mid_write_returns_every_whole_record(tmp_pat
     """What `train --resume` reads back: a metrics.jsonl whose last line a crash cut short."""
     from dynalign.metrics import MetricsLogger
 
-    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger = MetricsLogger(tmp_path)  # no config: metrics.jsonl only
     for iteration in range(3):
         logger.log(iteration, {"reward_mean": 0.5 + iteration})
     logger.close()
@@ -191,7 +191,7 @@ def test_python_dash_m_dynalign_help():
 # --- declared dependencies ---------------------------------------------------------------------
 
 # Imported only on an optional path: the extra that declares each.
-OPTIONAL = {"vllm": ("cpu", "gpu"), "lm_eval": ("eval",)}
+OPTIONAL = {"vllm": ("cpu", "gpu"), "lm_eval": ("eval",), "wandb": ("trackers",), "mlflow": ("trackers",)}
 
 
 def _distribution(requirement: str) -> str:

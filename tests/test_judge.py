@@ -212,7 +212,7 @@ def test_config_rules():
 ])
 def test_which_engines_exist_and_get_synced(overrides, actors, synced):
     """Weight sync targets: shared -> rollout engines only; dedicated -> rollout + judge;
-    external -> rollout only (driver.System.start adds Judge.synced_workers)."""
+    external -> rollout only (a dedicated judge adds its engines to weight_sync.SyncedEngines)."""
     config = load_config(None, [f"judge.value_spec={SPEC_PATH}", *overrides])
     assert config.judge.actor_count == actors
     assert config.judge.engines_synced == synced
@@ -565,6 +565,7 @@ class TestOnOneSharedEngine:
         import copy
 
         from dynalign.judge import make_judge
+        from dynalign.weight_sync import SyncedEngines
 
         config, rollout, shared_pool, groups = shared_judge
         config = copy.deepcopy(config)
@@ -574,11 +575,12 @@ class TestOnOneSharedEngine:
             config.judge.kind, config.judge.model_path = "external_vllm", tiny_model_path
         shared_groups, own_groups = copy.deepcopy(groups), copy.deepcopy(groups)
         shared_pool.score(shared_groups)
-        pool = make_judge(config, rollout)
+        synced = SyncedEngines()
+        pool = make_judge(config, rollout, synced)
         try:
             assert pool.workers and pool.workers[0] not in rollout.workers
             assert [i["name"] for i in pool.infos] == ["judge-0"]
-            assert pool.synced_names == (["judge-0"] if kind == "dedicated" else [])
+            assert synced.names == (["judge-0"] if kind == "dedicated" else [])
             metrics = pool.score(own_groups)
         finally:
             pool.shutdown()

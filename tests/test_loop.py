@@ -35,7 +35,8 @@ def test_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_path, tm
     prompts = load_prompts(config)
     rollout = RolloutPool(config)
     learner = LearnerGroup(config, tmp_path / "train")
-    sync = WeightSync(config, rollout.workers, ["rollout-0"])
+    sync = WeightSync(config, rollout.synced)
+    assert rollout.synced.names == ["rollout-0"]
     try:
         groups = rollout.generate(prompts.take(4), iteration=0)
         for group in groups:  # alternate signs: a real, non-zero update regardless of any reward
@@ -66,7 +67,7 @@ def test_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_path, tm
         # A sync that cannot finish in time fails with the engine's name instead of hanging.
         config.sync.timeout_s = 1e-4
         with pytest.raises(WeightSyncError, match=r"rollout-0 did not finish within sync.timeout_s"):
-            WeightSync(config, rollout.workers, ["rollout-0"]).sync(learner, version=2)
+            WeightSync(config, rollout.synced).sync(learner, version=2)
 
         # A NaN loss skips the step on every rank (weights untouched); K in a row stop the run.
         poisoned = [dataclasses.replace(s, advantage=float("nan")) for s in fresh_samples]
@@ -131,9 +132,9 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
     synced = {}
 
     class SpySync(driver.WeightSync):
-        def __init__(self, config, engines, names):
-            synced["names"] = list(names)
-            super().__init__(config, engines, names)
+        def __init__(self, config, engines):
+            synced["names"] = list(engines.names)
+            super().__init__(config, engines)
     monkeypatch.setattr(driver, "WeightSync", SpySync)
 
     def judge_actors():
@@ -204,7 +205,7 @@ def test_all_groups_tied_warns_and_the_update_is_a_no_op(ray_local, tiny_model_p
 
     config = tiny_config(tiny_model_path, tmp_path / "run", "judge.kind=rule", "judge.rule=length",
                          "rollout.max_new_tokens=1", "iterations=2", "learner.max_refill_rounds=1",
-                         "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.tensorboard=false",
+                         "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.backends=[]",
                          "learner.num_ranks=1")
     train(config)
     err = capfd.readouterr().err

@@ -14,7 +14,7 @@ import torch
 from dynalign import nccl_sync
 from dynalign.config import TrainConfig
 from dynalign.nccl_sync import NcclWeightSync, engine_kwargs, group_layout, packed_chunks
-from dynalign.weight_sync import WeightSync, WeightSyncError
+from dynalign.weight_sync import SyncedEngines, WeightSync, WeightSyncError
 from tests.fake_nccl import (
     FakeNcclEngine,
     FakeNcclTransport,
@@ -244,12 +244,12 @@ def test_engine_kwargs_is_a_weight_transfer_config_vllm_accepts():
 
 def test_weight_sync_builds_the_nccl_backend_instead_of_refusing():
     config = nccl_config()
-    sync = WeightSync(config, [], [])
+    sync = WeightSync(config, SyncedEngines())
     assert sync.backend == "nccl"
     assert isinstance(sync.sync.__self__, NcclWeightSync)
     assert isinstance(sync.restore.__self__, NcclWeightSync)
     config.sync.backend = "reload"
-    assert WeightSync(config, [], []).sync.__self__.__class__ is WeightSync
+    assert WeightSync(config, SyncedEngines()).sync.__self__.__class__ is WeightSync
 
 
 @pytest.mark.slow
@@ -314,7 +314,7 @@ def test_gpu_nccl_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model
     prompts = load_prompts(config)
     rollout = RolloutPool(config)
     learner = LearnerGroup(config, tmp_path / "train")
-    sync = WeightSync(config, rollout.workers, ["rollout-0"])
+    sync = WeightSync(config, rollout.synced)
     try:
         groups = rollout.generate(prompts.take(4), iteration=0)
         for group in groups:  # alternate signs: a real, non-zero update regardless of any reward

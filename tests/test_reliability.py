@@ -22,7 +22,7 @@ def _train_command(model_path: str, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dynalign.cli", "train", "--config", str(REPO / "configs/smoke.yaml"),
             f"model.path={model_path}", f"run_dir={run_dir}", "judge.kind=rule", f"iterations={ITERATIONS}",
             "learner.lr=5e-3", "checkpoint.every=1", "checkpoint.keep_last=5", "logging.progress=false",
-            "logging.tensorboard=false", "logging.report=false", "cluster.num_cpus=4", *extra]
+            "logging.backends=[]", "logging.report=false", "cluster.num_cpus=4", *extra]
 
 
 def _env() -> dict:
@@ -184,7 +184,7 @@ class FakeLearnerWritingShards:
         Path(directory).mkdir(parents=True)
         (Path(directory) / "mp_rank_00_model_states.pt").write_bytes(os.urandom(self.shard_bytes))
 
-    def save_policy(self, directory):
+    def save_policy(self, directory, dtype_name=None):
         Path(directory).mkdir(parents=True)
         (Path(directory) / "model.safetensors").write_bytes(b"w" * 1024)
 

@@ -69,7 +69,7 @@ def test_sync_into_tied_embedding_model_updates_the_lm_head(ray_local, tmp_path)
     config = absolute_paths(tiny_config(path_a, tmp_path / "run", "judge.kind=rule"))
     rollout = RolloutPool(config)
     try:
-        WeightSync(config, rollout.workers, ["rollout-0"]).sync(_Learner(model_b), version=1)
+        WeightSync(config, rollout.synced).sync(_Learner(model_b), version=1)
         out = ray.get(rollout.workers[0].generate_from_token_ids.remote(
             [ids], {"max_tokens": 1, "prompt_logprobs": 0, "temperature": 1.0, "detokenize": False}))[0]
         engine = [float(step[token].logprob) for step, token in zip(out.prompt_logprobs[1:], ids[1:])]

@@ -18,16 +18,11 @@ class Judge:
     """Scores groups with the configured judge: ``score`` fills ``group.rewards`` (NaN = invalid)
     and ``group.judge_info`` and returns the judge metrics of those groups.
 
-    ``synced_workers``/``synced_names``: judge engines the weight sync must update besides the
-    rollout engines (dedicated policy judges only). ``restore_weights`` (set by the driver) puts
-    the current weights into an engine Ray restarted. ``calls`` seeds the judge's sampling and is
-    part of the exact-resume state."""
+    ``calls`` seeds the judge's sampling and is part of the exact-resume state. (A dedicated
+    policy judge adds its engines to the weight sync's targets, ``weight_sync.SyncedEngines``.)"""
 
     def __init__(self, config: TrainConfig):
         self.config, self.judge = config, config.judge
-        self.synced_workers: list = []
-        self.synced_names: list[str] = []
-        self.restore_weights = None
         self.calls = 0
 
     def score(self, groups: list[Group]) -> dict[str, float]:

@@ -65,14 +65,14 @@ class SharedEngineJudge(EngineJudge):
         return list(self.rollout.infos)
 
     def engines(self):
-        return self.rollout.workers, self.rollout.restore_weights
+        return self.rollout.workers, self.rollout.synced.restore
 
 
 class OwnEngineJudge(EngineJudge):
     """Judge-only engine actors (``JudgeWorker``): the policy's weights, synced with it
     (``engine=dedicated``), or a fixed model (``external_vllm``)."""
 
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig, synced=None):
         super().__init__(config)
         judge = config.judge
         self.placement = None
@@ -88,11 +88,13 @@ class OwnEngineJudge(EngineJudge):
         self.workers = [actor.options(**options[i], max_restarts=-1).remote(spec, f"judge-{i}", config.seed + 7919 * (i + 1))
                         for i in range(judge.num_workers)]
         self.infos = ray.get([w.info.remote() for w in self.workers])
-        if judge.engines_synced:
-            self.synced_workers, self.synced_names = list(self.workers), [i["name"] for i in self.infos]
+        self.restore = None  # a fixed model (external_vllm) comes back as it was
+        if judge.engines_synced and synced is not None:  # a SyncedEngines: the weight sync's targets
+            synced.add(self.workers, [i["name"] for i in self.infos])
+            self.restore = synced.restore
 
     def engines(self):
-        return self.workers, self.restore_weights
+        return self.workers, self.restore
 
     def shutdown(self) -> None:
         for worker in self.workers:
@@ -101,8 +103,9 @@ class OwnEngineJudge(EngineJudge):
             self.placement.remove()
 
 
-def make_judge(config: TrainConfig, rollout=None) -> Judge:
-    """The configured judge. ``rollout`` (a RolloutPool) is needed for ``judge.engine=shared``."""
+def make_judge(config: TrainConfig, rollout=None, synced=None) -> Judge:
+    """The configured judge. ``rollout`` (a RolloutPool) is needed for ``judge.engine=shared``;
+    a dedicated policy judge adds its engines to ``synced`` (a SyncedEngines)."""
     judge = config.judge
     if judge.kind == "rule":
         return RuleJudge(config)
@@ -112,4 +115,4 @@ def make_judge(config: TrainConfig, rollout=None) -> Judge:
         if rollout is None:
             raise ValueError("judge.engine=shared judges on the rollout engines: pass the RolloutPool")
         return SharedEngineJudge(config, rollout)
-    return OwnEngineJudge(config)
+    return OwnEngineJudge(config, synced)
