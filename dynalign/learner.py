@@ -25,8 +25,9 @@ import torch
 
 from dynalign import grpo
 from dynalign.batch import PaddedBatch, Sample, padding_fraction, rank_micro_batches
+from dynalign.checkpoint import policy_dtype, write_policy
 from dynalign.config import RunError, TrainConfig
-from dynalign.files import atomic_directory, atomic_write_text
+from dynalign.files import atomic_write_text
 
 
 class LearnerError(RunError):
@@ -397,38 +398,6 @@ class PolicyTrainer:
     def nccl_send(self, bucket_bytes: int, dtype_name: str) -> dict | None:
         from dynalign.nccl_sync import nccl_send
         return nccl_send(self, bucket_bytes, dtype_name)
-
-
-def policy_dtype(option: str, model_path: str) -> str:
-    """The dtype name the final policy is saved in: ``checkpoint.policy_dtype``, or for ``auto``
-    the one the model's own config.json names (``dtype``, formerly ``torch_dtype``), float32 when
-    it names no floating dtype."""
-    if option != "auto":
-        return option
-    from transformers import PretrainedConfig
-
-    values, _ = PretrainedConfig.get_config_dict(model_path)
-    name = str(values.get("dtype") or values.get("torch_dtype") or "float32").removeprefix("torch.")
-    return name if name in ("float32", "bfloat16", "float16") else "float32"
-
-
-def cast_floating(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state`` with its floating-point tensors in ``dtype`` (integer buffers stay as they are)."""
-    return {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
-
-
-def write_policy(model, tokenizer, state: dict[str, torch.Tensor], path: str | os.PathLike, dtype_name: str) -> None:
-    """``model`` with the weights ``state`` in Hugging Face format under ``path`` (atomically), in
-    ``dtype_name``; its config.json names that dtype, so transformers and vLLM load it as such."""
-    with atomic_directory(path) as staging:
-        model.save_pretrained(staging, state_dict=cast_floating(state, getattr(torch, dtype_name)))
-        saved_as = model.config.dtype  # save_pretrained wrote the live module's dtype (float32)
-        model.config.dtype = dtype_name
-        try:
-            model.config.save_pretrained(staging)
-        finally:
-            model.config.dtype = saved_as
-        tokenizer.save_pretrained(staging)
 
 
 def _group_token() -> str:

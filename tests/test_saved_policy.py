@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
+from dynalign.checkpoint import cast_floating, policy_dtype, write_policy
 from dynalign.config import ConfigError, load_config
-from dynalign.learner import cast_floating, policy_dtype, write_policy
 
 
 @pytest.mark.parametrize("entry, expected", [
