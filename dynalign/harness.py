@@ -127,13 +127,32 @@ def run_model(config: TrainConfig, model_path: str, out_dir: Path, label: str) -
     return raw
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of ``process``'s group (it was started with start_new_session)."""
+def stop_process_group(process: subprocess.Popen, timeout_s: float = 10.0) -> None:
+    """SIGKILL whatever is left of ``process``'s group (it was started with start_new_session) and
+    return once none of it runs any more: a signal is delivered asynchronously, and on a loaded
+    machine a killed process can take a moment to go."""
     try:
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass  # the whole group is gone already
     process.wait()
+    deadline = time.monotonic() + timeout_s
+    while _group_members_running(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_members_running(group: int) -> bool:
+    """Whether a process of ``group`` still runs (zombies, which only wait to be reaped, do not)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def _last_error(log_path: Path) -> str:

@@ -376,3 +376,30 @@ def test_lm_eval_bridge_runs_local_tasks_on_cpu(tiny_model_path, tmp_path, capsy
     config = load_config(None, ["eval.tasks=[no_such_task]", f"eval.harness_include_path={TASKS}"])
     with pytest.raises(HarnessError, match=r"unknown lm-eval task\(s\) no_such_task"):
         run_harness(config, {"policy": tiny_model_path}, tmp_path / "unknown")
+
+
+def test_stop_process_group_returns_once_the_group_is_gone(tmp_path):
+    """The lm-eval child's group (the child and what it started) is SIGKILLed and waited for: when
+    ``stop_process_group`` returns, none of it runs, grandchildren included."""
+    import subprocess
+    import sys
+
+    from dynalign.harness import _group_members_running, stop_process_group
+
+    script = "import subprocess, time; subprocess.Popen(['sleep', '60']); time.sleep(60)"
+    child = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while len([p for p in Path("/proc").iterdir() if p.name.isdigit() and _in_group(p, child.pid)]) < 2:
+        assert time.monotonic() < deadline, "the child never started its grandchild"
+        time.sleep(0.05)
+    assert _group_members_running(child.pid)
+    stop_process_group(child)
+    assert not _group_members_running(child.pid)
+    assert child.returncode == -9
+
+
+def _in_group(proc_dir: Path, group: int) -> bool:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[2]) == group
+    except OSError:
+        return False
