@@ -486,13 +486,14 @@ def init_ray(num_cpus: int) -> None:
     a nice-0 in-process baseline, so the benchmarks run Ray's workers at 0, like the baselines."""
     import ray
 
+    from dynalign.placement import start_local_ray
+
     if ray.is_initialized():
         return
     os.environ["RAY_worker_niceness"] = os.environ.get("DYNALIGN_BENCH_RAY_NICENESS", "0")
-    # Keep the dashboard: it serves the state API that Ray Train's placement-group cleaner polls;
-    # without it the cleaner takes the controller for dead and removes the learner's bundles.
-    ray.init(address="local", num_cpus=num_cpus, log_to_driver=True,
-             runtime_env={"env_vars": {k: os.environ.get(k, v) for k, v in BENCH_ENV.items()}})
+    # dynalign's own local start (its address pinned in every worker), with the dashboard, which
+    # serves the state API that Ray Train's placement-group cleaner polls, and the actors' output.
+    start_local_ray(num_cpus, {k: os.environ.get(k, v) for k, v in BENCH_ENV.items()})
 
 
 def tiny_model_path() -> str:
