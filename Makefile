@@ -57,9 +57,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip uninstall $(PIP_QUIET) -y torchvision torchaudio torchcodec
 	$(BIN)/python -c "import torch, transformers, vllm, ray, deepspeed; print('ok: torch', torch.__version__, '| transformers', transformers.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
 	# DeepSpeed compiles its CPU shared-memory op (C++, ~1.5 min on 2 cores) the first time a learner
-	# rank starts; build it here, once, instead of inside the first run or test that starts one.
+	# rank starts; build it here, once, into the venv (dynalign/learner.py points TORCH_EXTENSIONS_DIR there).
 	@echo "building DeepSpeed's CPU communication op (once, ~1-2 min)"
-	@$(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" > $(VENV)/deepspeed-op.log 2>&1 \
+	@TORCH_EXTENSIONS_DIR=$(VENV)/torch_extensions $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" \
+		> $(VENV)/deepspeed-op.log 2>&1 \
 		|| { cat $(VENV)/deepspeed-op.log; exit 1; }
 	touch $(STAMP)
 

@@ -13,6 +13,7 @@ import inspect
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -28,6 +29,11 @@ from dynalign.batch import PaddedBatch, Sample, padding_fraction, rank_micro_bat
 from dynalign.checkpoint import policy_dtype, write_policy
 from dynalign.config import RunError, TrainConfig
 from dynalign.files import atomic_write_text
+
+# DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR: one per environment (built
+# by `make install`), not the shared ~/.cache, where environments rebuild it for each other (~1.5
+# min each) and a build killed half-way leaves a lock that every later one waits on forever.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 class LearnerError(RunError):
