@@ -109,8 +109,8 @@ def wait_for_no_processes(name: str, value: str, timeout_s: float = 30.0) -> lis
     return left
 
 
-# The files of end-to-end tests, longest first (CI's durations). `make test` runs two pytest
-# workers that take tests in this order (--no-loadscope-reorder): the long ones start at once and
+# The files of end-to-end tests, longest first (CI's durations). `make test TEST_WORKERS=2` runs
+# two pytest workers that take tests in this order (--no-loadscope-reorder): the long ones start at once and
 # the fast ones fill in at the end, so neither worker waits alone on a long test while the other
 # is idle. Within a file the order stays as written (the vllm serve death test runs last).
 LONGEST_FIRST = ("test_reliability.py", "test_eval.py", "test_real_model.py", "test_faults.py", "test_prompt_gen.py",
