@@ -70,7 +70,7 @@ class EngineSpec:
         from dynalign.nccl_sync import engine_kwargs as nccl_engine_kwargs
 
         rollout = config.rollout
-        return cls(path=path, dtype=config.model.dtype, max_model_len=max_model_len,
+        return cls(path=path, dtype=config.engine_dtype, max_model_len=max_model_len,
                    tensor_parallel_size=rollout.tensor_parallel_size,
                    gpu_memory_utilization=rollout.gpu_memory_utilization, enforce_eager=rollout.enforce_eager,
                    trust_remote_code=config.model.trust_remote_code,

@@ -476,9 +476,9 @@ class TestOnOneSharedEngine:
     def test_logprob_scores_match_manual_computation_and_follow_weight_sync(self, shared_judge, tiny_model_path):
         """logprob mode on the shared (rollout) engine: scores in range that differ across candidates
         and equal E[score] from a transformers forward pass on the same ids within 0.05 on the 0-5
-        scale (the engine runs bf16 weights and activations, transformers fp32: bf16 keeps ~3
-        significant digits, the score-token log-probs differ by ~0.01, which moves the expectation
-        over a 5-point scale by a few hundredths at most). After new weights are loaded into the
+        scale (with bf16 engines, transformers fp32: bf16 keeps ~3 significant digits, the score-token
+        log-probs differ by ~0.01, which moves the expectation over a 5-point scale by a few
+        hundredths at most; float32 engines, chosen on CPUs without native bf16, differ far less). After new weights are loaded into the
         engine (what a sync does), the same candidates get different scores, equal to the new
         weights' manual computation: the judge scores with the current iteration's weights."""
         import ray
@@ -488,6 +488,7 @@ class TestOnOneSharedEngine:
 
         config, rollout, pool, groups = shared_judge
         worker = rollout.workers[0]
+        engine_dtype = getattr(torch, config.engine_dtype)
         started = time.perf_counter()
         metrics = pool.score(groups)
         seconds = time.perf_counter() - started
@@ -505,11 +506,11 @@ class TestOnOneSharedEngine:
             for name, param in model.named_parameters():
                 if name.endswith("weight") and param.dim() == 2:
                     param.add_(torch.randn_like(param) * 0.1)
-            for param in model.parameters():  # the engine holds bf16 weights: compare on those
-                param.copy_(param.to(torch.bfloat16).float())
+            for param in model.parameters():  # compare on the weights the engine holds
+                param.copy_(param.to(engine_dtype).float())
 
         def load(state):
-            ray.get(worker.stage_weights.remote(save({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()})))
+            ray.get(worker.stage_weights.remote(save({k: v.to(engine_dtype).contiguous() for k, v in state.items()})))
             ray.get(worker.apply_staged_weights.remote(1))
         try:
             load(model.state_dict())
@@ -521,7 +522,7 @@ class TestOnOneSharedEngine:
         new_gap = max(abs(a - b) for a, b in zip(new_scores, new_manual))
         change = max(abs(a - b) for a, b in zip(scores, new_scores))
         print(f"logprob judge: {len(scores)} candidates in {seconds:.2f} s; scores {min(scores):.3f}..{max(scores):.3f}; "
-              f"max |vLLM bf16 - transformers fp32| {gap:.4f} before, {new_gap:.4f} after new weights; "
+              f"max |vLLM {config.engine_dtype} - transformers fp32| {gap:.4f} before, {new_gap:.4f} after new weights; "
               f"max score change after new weights {change:.3f}")
         assert gap < 0.05 and new_gap < 0.05
         assert change > 2 * 0.05  # well beyond the tolerance
