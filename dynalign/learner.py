@@ -63,8 +63,7 @@ class Channel:
         self.group_token, self.restarts, self.acknowledged = None, 0, 0
         self.results: dict[int, Any] = {}
         self.done: dict[int, asyncio.Event] = {}
-        self.pending = self._queues()
-        self.next_seq = 0
+        self.pending, self.next_seq = self._queues(), 0
 
     def _queues(self) -> list[asyncio.Queue]:
         return [asyncio.Queue() for _ in range(self.world_size)]
@@ -109,11 +108,8 @@ class Channel:
 
     async def get_results(self, seq: int) -> list[Any] | str:
         await self.done[seq].wait()
-        by_rank = self.results.pop(seq)
-        self.done.pop(seq)
-        if by_rank == _RESTARTED:
-            return _RESTARTED
-        return [by_rank[rank] for rank in range(self.world_size)]
+        by_rank, _ = self.results.pop(seq), self.done.pop(seq)
+        return _RESTARTED if by_rank == _RESTARTED else [by_rank[rank] for rank in range(self.world_size)]
 
 
 CommandChannel = ray.remote(num_cpus=0)(Channel)  # the actor the driver and the ranks share
@@ -179,7 +175,7 @@ class PolicyTrainer:
             "train_micro_batch_size_per_gpu": learner.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum_steps,
             "gradient_clipping": learner.grad_clip,
-            "zero_optimization": {"stage": learner.zero_stage},
+            "zero_optimization": {"stage": zero_stage_for(learner.zero_stage, world_size)},
             "bf16": {"enabled": config.model.learner_dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31,
@@ -427,6 +423,12 @@ def rank_threads(configured: int, ranks_on_node: int, cores: int | None = None) 
     return max(1, cores // max(1, ranks_on_node))
 
 
+def zero_stage_for(configured: int, world_size: int) -> int:
+    """ZeRO-1/2 on one rank partition nothing yet still copy every gradient through their buckets
+    (1.24x the step time of stage 0 for SmolLM2 on CPU): one rank runs stage 0, the same updates."""
+    return 0 if world_size == 1 and configured in (1, 2) else configured
+
+
 def _rank_main(loop_config: dict) -> None:
     """Ray Train's per-worker function: build the trainer, then serve the driver's commands."""
     import torch.distributed as dist
@@ -439,8 +441,7 @@ def _rank_main(loop_config: dict) -> None:
     torch.set_num_threads(rank_threads(loop_config["config"].learner.threads_per_rank, context.get_local_world_size()))
     token = _group_token()
     ray.get(channel.join.remote(rank, token))
-    trainer = None
-    init_error = None
+    trainer, init_error = None, None
     try:
         trainer = PolicyTrainer(loop_config["config"], rank, world_size)
         trainer.restore_registered_checkpoint()  # only a group Ray Train restarted has one

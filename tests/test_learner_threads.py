@@ -1,10 +1,11 @@
-"""Threads per learner rank: the cores of a node shared among its ranks, not Ray's CPU reservation."""
+"""How a learner rank uses its node: threads are the cores of a node shared among its ranks, not Ray's
+CPU reservation; a lone rank skips ZeRO's partitioning."""
 
 from __future__ import annotations
 
 import os
 
-from dynalign.learner import rank_threads
+from dynalign.learner import rank_threads, zero_stage_for
 
 
 def test_the_node_cores_are_shared_evenly_among_its_ranks():
@@ -17,3 +18,8 @@ def test_the_node_cores_are_shared_evenly_among_its_ranks():
 def test_a_configured_count_wins_and_the_default_reads_this_process_cores():
     assert rank_threads(3, ranks_on_node=2, cores=2) == 3
     assert rank_threads(0, ranks_on_node=1) == len(os.sched_getaffinity(0))
+
+
+def test_one_rank_runs_zero_1_and_2_as_stage_0_and_more_ranks_keep_their_stage():
+    assert [zero_stage_for(stage, world_size=1) for stage in (0, 1, 2, 3)] == [0, 0, 0, 3]
+    assert [zero_stage_for(stage, world_size=2) for stage in (0, 1, 2, 3)] == [0, 1, 2, 3]
