@@ -71,6 +71,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = opt(0.5, "Share of GPU memory vLLM may take (ignored on CPU).", min=0.0, max=1.0, min_exclusive=True)
     enforce_eager: bool = opt(True, "Disable CUDA graphs / compilation (faster start, slower decode).")
     cpu_kv_cache_gib: int = opt(1, "KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).", min=1)
+    threads_per_engine: int = opt(0, "CPU engines: torch threads of each engine actor, at most its cores; 0: Ray's OMP_NUM_THREADS, i.e. num_cpus_per_worker (vLLM runs in the actor's process).", min=0)
     num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per rollout actor.", min=0.0)
     num_gpus_per_worker: float = opt(0.0, "GPUs per tensor-parallel rank of a rollout engine: an engine takes tensor_parallel_size bundles of this on one node; a fraction below 1 shares a GPU between roles.", min=0.0)
     seed: int = opt(0, "Base sampling seed; each iteration and worker derives its own.")
@@ -387,10 +388,9 @@ def check_resource_shapes(config: TrainConfig) -> None:
     amounts = [("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
                ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
                ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank)]
-    for key, value in amounts:
-        if value > 1 and value != int(value):
-            raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "
-                              "number of GPUs; use e.g. 0.5, 1 or 2")
+    for key, value in ((key, value) for key, value in amounts if value > 1 and value != int(value)):
+        raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "
+                          "number of GPUs; use e.g. 0.5, 1 or 2")
     for key, extra in (("rollout.resources", config.rollout.resources), ("judge.resources", config.judge.resources),
                        ("learner.resources_per_rank", config.learner.resources_per_rank)):
         for name, value in extra.items():

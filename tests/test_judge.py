@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 
@@ -406,7 +407,8 @@ def shared_judge(ray_local, tiny_model_path, tmp_path_factory):
     from dynalign.rollout import RolloutPool
 
     config = absolute_paths(tiny_config(tiny_model_path, tmp_path_factory.mktemp("shared") / "run",
-                                        "judge.engine=shared", "rollout.group_size=4", "judge.max_retries=1"))
+                                        "judge.engine=shared", "rollout.group_size=4", "judge.max_retries=1",
+                                        "rollout.threads_per_engine=2"))
     rollout = RolloutPool(config)
     pool = make_judge(config, rollout)
     try:
@@ -448,16 +450,18 @@ class TestOnOneSharedEngine:
     def test_vllm_runs_the_tiny_model(self, shared_judge, tiny_model_path):
         """vLLM itself (the engine's ``vllm.LLM``, no dynalign code on the path) loads the tiny model
         as built: its tokenizer is the model directory's, and it samples token ids in the vocabulary
-        with log-probs. Run first in the class, on the engine's original weights."""
+        with log-probs. Run first in the class, on the engine's original weights. The engine runs on
+        two threads, as ``rollout.threads_per_engine=2`` asks (Ray's OMP_NUM_THREADS for it is 1)."""
         import ray
         from transformers import AutoTokenizer
 
         def sample(worker) -> dict:
+            import torch
             import vllm
 
             params = vllm.SamplingParams(n=2, max_tokens=8, ignore_eos=True, seed=0, logprobs=0)
             result = worker.llm.generate(["Collective agency is"], params, use_tqdm=False)[0]
-            return {"vocab": len(worker.llm.get_tokenizer()),
+            return {"vocab": len(worker.llm.get_tokenizer()), "threads": torch.get_num_threads(),
                     "prompt_token_ids": list(result.prompt_token_ids),
                     "token_ids": [list(c.token_ids) for c in result.outputs],
                     "logprobs": [[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for c in result.outputs]}
@@ -466,6 +470,8 @@ class TestOnOneSharedEngine:
         result = ray.get(rollout.workers[0].__ray_call__.remote(sample))
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
         assert result["vocab"] == len(tokenizer)
+        expected_threads = min(2, len(os.sched_getaffinity(0)))
+        assert result["threads"] == expected_threads, result
         assert result["prompt_token_ids"] == tokenizer("Collective agency is")["input_ids"]
         assert len(result["token_ids"]) == 2
         for ids, logprobs in zip(result["token_ids"], result["logprobs"]):
