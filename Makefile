@@ -27,11 +27,11 @@ PYTEST_ARGS ?=
 PIP_QUIET ?= -qq
 APT_QUIET ?= -qq
 TEST_TIMEOUT ?= 900
-# pytest processes (pytest-xdist; 0: the suite runs in pytest's own process). TEST_WORKERS=2 ran
-# the suite in 26 min on the 2-core machine (37 in one process before), but a local Ray started while the other
-# worker trains can miss Ray's fixed 30 s start-up deadline (seen twice): one process by default.
-# Tests that share a started stack carry an xdist_group mark, so one worker runs them.
-TEST_WORKERS ?= 0
+# pytest processes (pytest-xdist; 0: the suite runs in pytest's own process). End-to-end tests
+# spend much of their time waiting (one-thread decoding, Ray's polls, processes starting), so two
+# share the 2-core machine better than one. Tests that share a started stack carry an xdist_group
+# mark, so one worker runs them.
+TEST_WORKERS ?= 2
 
 DEMO_CONFIG ?= configs/smollm2_cpu.yaml
 DEMO_MODEL := outputs/models/smollm2-135m-instruct

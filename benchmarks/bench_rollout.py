@@ -60,7 +60,7 @@ def run(quick: bool = False) -> dict:
     sampler = RssSampler(interval_s=1.0, extra=lambda: {"in_process_vllm": in_process_vllm_pids()}).__enter__()
     pool = RolloutPool(config)
     rollout = config.rollout
-    llm = LLM(model=config.model.path, dtype=config.model.dtype, max_model_len=rollout.max_model_len,
+    llm = LLM(model=config.model.path, dtype=config.engine_dtype, max_model_len=rollout.max_model_len,
               tensor_parallel_size=1, enforce_eager=rollout.enforce_eager, seed=rollout.seed,
               worker_extension_cls=WORKER_EXTENSION, logprobs_mode="processed_logprobs")
     tokenizer = llm.get_tokenizer()
@@ -82,7 +82,7 @@ def run(quick: bool = False) -> dict:
         seconds = time.perf_counter() - started
         return seconds, groups
 
-    hf = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.bfloat16).eval()
+    hf = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=getattr(torch, config.engine_dtype)).eval()
     pad = tokenizer.pad_token_id
     width = max(map(len, prompt_ids))
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompt_ids])  # left padding

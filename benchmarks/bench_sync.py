@@ -305,7 +305,9 @@ def system_side(model_a: str, model_b: str, repeats: int) -> dict:
 
     run_dir = tempfile.mkdtemp(prefix="bench-sync-")
     config = absolute_paths(bench_config(
-        model_a, run_dir, "learner.num_ranks=1", "learner.zero_stage=0", "judge.kind=policy", "judge.engine=dedicated",
+        # bf16 engines, as on GPUs: the baseline side reloads bf16 too, and 1 GB moves per engine.
+        model_a, run_dir, "model.dtype=bfloat16", "learner.num_ranks=1", "learner.zero_stage=0", "judge.kind=policy",
+        "judge.engine=dedicated",
         "judge.num_workers=1", f"judge.max_model_len={MAX_MODEL_LEN}", f"rollout.max_model_len={MAX_MODEL_LEN}",
         "sync.timeout_s=1800"))
     learner_config = copy.deepcopy(config)

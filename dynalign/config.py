@@ -9,6 +9,7 @@ what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -42,7 +43,7 @@ def opt(default: Any, doc: str, *, min: float | None = None, max: float | None =
 @dataclass
 class ModelConfig:
     path: str = opt("outputs/tiny-model", "Policy model: local directory in Hugging Face format (or hub id on machines with hub access).")
-    dtype: Literal["bfloat16", "float16", "float32"] = opt("bfloat16", "Weights dtype of the inference engines (vLLM).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", "Weights dtype of the inference engines (vLLM); auto: bfloat16 on GPUs and on CPUs with bf16 kernels (oneDNN: AVX-512, Arm BF16), else float32.")
     learner_dtype: Literal["bfloat16", "float32"] = opt("float32", "Learner dtype: float32 master weights on CPU; bfloat16 mixed precision on GPU.")
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the model directory.")
 
@@ -70,6 +71,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = opt(0.5, "Share of GPU memory vLLM may take (ignored on CPU).", min=0.0, max=1.0, min_exclusive=True)
     enforce_eager: bool = opt(True, "Disable CUDA graphs / compilation (faster start, slower decode).")
     cpu_kv_cache_gib: int = opt(1, "KV-cache size in GiB on CPU (VLLM_CPU_KVCACHE_SPACE).", min=1)
+    threads_per_engine: int = opt(0, "CPU engines: torch threads of each engine actor, at most its cores; 0: Ray's OMP_NUM_THREADS, i.e. num_cpus_per_worker (vLLM runs in the actor's process).", min=0)
     num_cpus_per_worker: float = opt(1.0, "CPUs Ray reserves per rollout actor.", min=0.0)
     num_gpus_per_worker: float = opt(0.0, "GPUs per tensor-parallel rank of a rollout engine: an engine takes tensor_parallel_size bundles of this on one node; a fraction below 1 shares a GPU between roles.", min=0.0)
     seed: int = opt(0, "Base sampling seed; each iteration and worker derives its own.")
@@ -141,7 +143,7 @@ class JudgeConfig:
 @dataclass
 class LearnerConfig:
     num_ranks: int = opt(2, "DeepSpeed ranks (Ray Train workers).", min=1)
-    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3.", min=0, max=3)
+    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (one rank runs 1 and 2 as 0: nothing to partition).", min=0, max=3)
     lr: float = opt(1e-5, "AdamW learning rate.", min=0.0, min_exclusive=True)
     weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
     adam_betas: list = opt([0.9, 0.999], "AdamW betas.")
@@ -341,6 +343,14 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    @property
+    def engine_dtype(self) -> str:
+        """``model.dtype``, ``auto`` decided on the driver: bf16 on GPUs and on CPUs with native bf16."""
+        if self.model.dtype != "auto":
+            return self.model.dtype
+        on_gpu = self.rollout.num_gpus_per_worker > 0 or self.judge.num_gpus_per_worker > 0
+        return "bfloat16" if on_gpu or cpu_has_native_bf16() else "float32"
+
     def check(self) -> None:
         """Rules that span fields."""
         if self.judge.score_min >= self.judge.score_max:
@@ -366,17 +376,21 @@ class TrainConfig:
         check_resource_shapes(self)
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN: AVX-512 or Arm BF16), as vLLM-cpu needs."""
+    import torch
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def check_resource_shapes(config: TrainConfig) -> None:
     """Config-time rules (no cluster needed): amounts Ray and vLLM accept."""
-    amounts = [
-        ("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
-        ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
-        ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank),
-    ]
-    for key, value in amounts:
-        if value > 1 and value != int(value):
-            raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "
-                              "number of GPUs; use e.g. 0.5, 1 or 2")
+    amounts = [("rollout.num_gpus_per_worker", config.rollout.num_gpus_per_worker),
+               ("judge.num_gpus_per_worker", config.judge.num_gpus_per_worker),
+               ("learner.num_gpus_per_rank", config.learner.num_gpus_per_rank)]
+    for key, value in ((key, value) for key, value in amounts if value > 1 and value != int(value)):
+        raise ConfigError(f"{key} = {value:g} (from the config): Ray accepts a fraction below 1 or a whole "
+                          "number of GPUs; use e.g. 0.5, 1 or 2")
     for key, extra in (("rollout.resources", config.rollout.resources), ("judge.resources", config.judge.resources),
                        ("learner.resources_per_rank", config.learner.resources_per_rank)):
         for name, value in extra.items():

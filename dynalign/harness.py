@@ -65,7 +65,7 @@ def model_spec(config: TrainConfig, model_path: str) -> dict:
     ev, rollout = config.eval, config.rollout
     if ev.harness_backend == "vllm":
         model_args: dict[str, Any] = {
-            "pretrained": model_path, "dtype": config.model.dtype, "seed": ev.seed,
+            "pretrained": model_path, "dtype": config.engine_dtype, "seed": ev.seed,
             "tensor_parallel_size": rollout.tensor_parallel_size, "enforce_eager": rollout.enforce_eager,
             "gpu_memory_utilization": rollout.gpu_memory_utilization,
             "trust_remote_code": config.model.trust_remote_code}
@@ -73,7 +73,7 @@ def model_spec(config: TrainConfig, model_path: str) -> dict:
         import torch
 
         # lm-eval's hf model asks for CUDA unless told otherwise.
-        model_args = {"pretrained": model_path, "dtype": config.model.dtype,
+        model_args = {"pretrained": model_path, "dtype": config.engine_dtype,
                       "device": "cuda" if torch.cuda.is_available() else "cpu",
                       "trust_remote_code": config.model.trust_remote_code}
     include = Path(ev.harness_include_path)

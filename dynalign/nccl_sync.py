@@ -313,7 +313,7 @@ class NcclWeightSync:
         pending[self._on_learner(learner, deadline, "nccl_init", trainer_info)] = "learner"
         results = self._wait("init_weight_transfer_engine", pending, deadline)
         meta = results[-1][0]
-        dtype = getattr(torch, self.config.model.dtype)
+        dtype = getattr(torch, self.config.engine_dtype)
         self.update_info = {"names": meta["names"], "dtype_names": [_dtype_name(dtype)] * len(meta["names"]),
                             "shapes": meta["shapes"]}
         sizes = [dtype.itemsize * _numel(shape) for shape in meta["shapes"]]
@@ -325,7 +325,7 @@ class NcclWeightSync:
         self._wait("start_weight_update", self._on_engines("start_weight_update"), deadline)
         # The workers receive inside update_weights: it must run while rank 0 broadcasts.
         pending = self._on_engines("update_weights", self.update_info)
-        pending[self._on_learner(learner, deadline, "nccl_send", self.buffer_bytes, self.config.model.dtype)] = "learner"
+        pending[self._on_learner(learner, deadline, "nccl_send", self.buffer_bytes, self.config.engine_dtype)] = "learner"
         sent = self._wait("update_weights", pending, deadline)[-1][0]
         self._wait("finish_weight_update", self._on_engines("finish_weight_update"), deadline)
         if sent["bytes"] != self.payload_bytes:

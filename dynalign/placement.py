@@ -24,12 +24,18 @@ role, what it needs and what the cluster has, instead of leaving Ray pending for
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dynalign.config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
+
+# How often a local Ray start is tried when Ray's own start-up deadline passes.
+LOCAL_START_ATTEMPTS = 3
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 NODE_ID_LABEL = "ray.io/node-id"
@@ -423,17 +429,64 @@ def start_local_ray(num_cpus: int, env_vars: dict[str, str], quiet: bool = False
 
     import ray
 
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    previous = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node at start (ray._private.node)
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        previous = os.environ.get("RAY_GCS_SERVER_PORT")
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by the head node at start (ray._private.node)
+        try:
+            ray.init(address="local", num_cpus=num_cpus,
+                     runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}}, **quiet_ray_options(quiet))
+            return
+        except Exception as error:
+            # Ray gives its raylet a fixed 30 s to register (ray._private.node); on a machine whose
+            # cores are busy with other work that can pass. A second start usually succeeds.
+            if "timed out during startup" not in str(error) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("local Ray start timed out (attempt %d of %d, machine busy?); starting it again",
+                        attempt, LOCAL_START_ATTEMPTS)
+            _stop_half_started_ray(port)
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_GCS_SERVER_PORT", None)
+            else:
+                os.environ["RAY_GCS_SERVER_PORT"] = previous
+
+
+def _stop_half_started_ray(gcs_port: int) -> None:
+    """Kill what a failed ``ray.init`` left running: Ray raises before it records the node, so
+    ``ray.shutdown`` does not know these processes. Each of them names the GCS port on its command line."""
+    import psutil
+    import ray
+
+    ray.shutdown()
+
+    def names_port(process) -> bool:
+        command = " ".join(_cmdline(process))
+        return f":{gcs_port}" in command or f"={gcs_port}" in command
+
+    named = [child for child in psutil.Process().children(recursive=True) if names_port(child)]
+    leftovers = {process.pid: process for process in named}
+    for process in named:  # the raylet's agents retitle themselves ("ray::DashboardAgent")
+        try:
+            leftovers.update({child.pid: child for child in process.children(recursive=True)})
+        except psutil.Error:
+            pass
+    leftovers = list(leftovers.values())
+    for child in leftovers:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(leftovers, timeout=10)
+
+
+def _cmdline(process) -> list[str]:
+    import psutil
+
     try:
-        ray.init(address="local", num_cpus=num_cpus, runtime_env={"env_vars": {**env_vars, "RAY_ADDRESS": address}},
-                 **quiet_ray_options(quiet))
-    finally:
-        if previous is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = previous
+        return process.cmdline()
+    except psutil.Error:
+        return []

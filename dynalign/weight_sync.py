@@ -88,7 +88,7 @@ class WeightSync:
     def sync(self, learner, version: int) -> dict[str, float]:
         """Push the learner's weights into every engine; returns seconds and bytes moved."""
         started = time.perf_counter()
-        exported = learner.export_weights(int(self.config.sync.bucket_mb * 2**20), self.config.model.dtype)
+        exported = learner.export_weights(int(self.config.sync.bucket_mb * 2**20), self.config.engine_dtype)
         export_seconds = time.perf_counter() - started
         pending = {}
         for engine, name in zip(self.engines.workers, self.engines.names):

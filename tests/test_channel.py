@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from dynalign.learner import _RESTARTED, Channel
+from dynalign.channel import _RESTARTED, Channel
 
 
 def run(coroutine):

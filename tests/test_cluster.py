@@ -292,6 +292,42 @@ def test_submit_refuses_bad_config_before_contacting_the_cluster(capsys):
     assert "did you mean 'rollout.group_size'" in capsys.readouterr().err
 
 
+HALF_STARTED_RAY = """
+import json, socket
+import psutil
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+from dynalign.placement import _stop_half_started_ray
+
+with socket.socket() as probe:
+    probe.bind(("", 0))
+    port = probe.getsockname()[1]
+# What ray.init(address="local") starts, without the bookkeeping it does once the raylet registers:
+# the state a start that passed Ray's 30 s deadline leaves behind.
+Node(RayParams(num_cpus=1, gcs_server_port=port, include_dashboard=False), head=True,
+     shutdown_at_exit=False, spawn_reaper=False)
+descendants = psutil.Process().children(recursive=True)
+started = {c.name() for c in descendants}
+_stop_half_started_ray(port)
+print(json.dumps({"started": sorted(started), "alive": sum(c.is_running() for c in descendants)}))
+"""
+
+
+def test_a_failed_local_ray_start_leaves_no_process_behind():
+    """start_local_ray tries again when Ray's start-up deadline passes (a busy machine); the
+    processes of the failed try must not stay behind, holding cores and ports."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths must fit in 107 bytes
+    try:
+        result = subprocess.run([sys.executable, "-c", HALF_STARTED_RAY], capture_output=True, text=True,
+                                timeout=120, cwd=REPO, env={**os.environ, "RAY_TMPDIR": ray_tmp})
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    processes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"gcs_server", "raylet"} <= set(processes["started"]) and len(processes["started"]) >= 4
+    assert processes["alive"] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # A real head with token auth on loopback; `dynalign submit` through its job API
 # ---------------------------------------------------------------------------------------------

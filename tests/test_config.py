@@ -170,6 +170,17 @@ def test_cross_field_batch_divisibility():
     assert "learner.num_ranks * learner.micro_batch_size * learner.updates_per_iteration = 10" in message
 
 
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_engine_dtype_auto_picks_bf16_only_where_it_runs_natively(cpu_bf16, monkeypatch):
+    # The CPU without bf16 kernels is this machine (AVX2 only); the one with them is faked.
+    monkeypatch.setattr("dynalign.config.cpu_has_native_bf16", lambda: cpu_bf16)
+    assert load_config(None, []).engine_dtype == ("bfloat16" if cpu_bf16 else "float32")
+    assert load_config(None, ["rollout.num_gpus_per_worker=1"]).engine_dtype == "bfloat16"
+    for explicit in ("bfloat16", "float16", "float32"):
+        assert load_config(None, [f"model.dtype={explicit}"]).engine_dtype == explicit
+    assert error_of(overrides=["model.dtype=fp8"]).startswith("model.dtype = 'fp8'")
+
+
 def test_check_is_called_on_direct_construction():
     config = TrainConfig()
     config.check()  # defaults are consistent

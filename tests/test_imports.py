@@ -119,3 +119,9 @@ def test_split_modules_are_small():
     paths = [*sorted((PACKAGE / "judge").glob("*.py")), PACKAGE / "value.py", PACKAGE / "stats.py"]
     long = {str(p.relative_to(REPO)): n for p in paths if (n := len(p.read_text().splitlines())) >= MAX_LINES}
     assert len(paths) > 3 and not long, f"modules of {MAX_LINES} lines or more: {long}"
+
+
+def test_no_source_file_is_over_600_lines():
+    long = {str(p.relative_to(REPO)): n for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"source files over {MAX_LINES} lines: {long}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 
@@ -406,7 +407,8 @@ def shared_judge(ray_local, tiny_model_path, tmp_path_factory):
     from dynalign.rollout import RolloutPool
 
     config = absolute_paths(tiny_config(tiny_model_path, tmp_path_factory.mktemp("shared") / "run",
-                                        "judge.engine=shared", "rollout.group_size=4", "judge.max_retries=1"))
+                                        "judge.engine=shared", "rollout.group_size=4", "judge.max_retries=1",
+                                        "rollout.threads_per_engine=2"))
     rollout = RolloutPool(config)
     pool = make_judge(config, rollout)
     try:
@@ -448,16 +450,18 @@ class TestOnOneSharedEngine:
     def test_vllm_runs_the_tiny_model(self, shared_judge, tiny_model_path):
         """vLLM itself (the engine's ``vllm.LLM``, no dynalign code on the path) loads the tiny model
         as built: its tokenizer is the model directory's, and it samples token ids in the vocabulary
-        with log-probs. Run first in the class, on the engine's original weights."""
+        with log-probs. Run first in the class, on the engine's original weights. The engine runs on
+        two threads, as ``rollout.threads_per_engine=2`` asks (Ray's OMP_NUM_THREADS for it is 1)."""
         import ray
         from transformers import AutoTokenizer
 
         def sample(worker) -> dict:
+            import torch
             import vllm
 
             params = vllm.SamplingParams(n=2, max_tokens=8, ignore_eos=True, seed=0, logprobs=0)
             result = worker.llm.generate(["Collective agency is"], params, use_tqdm=False)[0]
-            return {"vocab": len(worker.llm.get_tokenizer()),
+            return {"vocab": len(worker.llm.get_tokenizer()), "threads": torch.get_num_threads(),
                     "prompt_token_ids": list(result.prompt_token_ids),
                     "token_ids": [list(c.token_ids) for c in result.outputs],
                     "logprobs": [[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)] for c in result.outputs]}
@@ -466,6 +470,8 @@ class TestOnOneSharedEngine:
         result = ray.get(rollout.workers[0].__ray_call__.remote(sample))
         tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
         assert result["vocab"] == len(tokenizer)
+        expected_threads = min(2, len(os.sched_getaffinity(0)))
+        assert result["threads"] == expected_threads, result
         assert result["prompt_token_ids"] == tokenizer("Collective agency is")["input_ids"]
         assert len(result["token_ids"]) == 2
         for ids, logprobs in zip(result["token_ids"], result["logprobs"]):
@@ -476,9 +482,9 @@ class TestOnOneSharedEngine:
     def test_logprob_scores_match_manual_computation_and_follow_weight_sync(self, shared_judge, tiny_model_path):
         """logprob mode on the shared (rollout) engine: scores in range that differ across candidates
         and equal E[score] from a transformers forward pass on the same ids within 0.05 on the 0-5
-        scale (the engine runs bf16 weights and activations, transformers fp32: bf16 keeps ~3
-        significant digits, the score-token log-probs differ by ~0.01, which moves the expectation
-        over a 5-point scale by a few hundredths at most). After new weights are loaded into the
+        scale (with bf16 engines, transformers fp32: bf16 keeps ~3 significant digits, the score-token
+        log-probs differ by ~0.01, which moves the expectation over a 5-point scale by a few
+        hundredths at most; float32 engines, chosen on CPUs without native bf16, differ far less). After new weights are loaded into the
         engine (what a sync does), the same candidates get different scores, equal to the new
         weights' manual computation: the judge scores with the current iteration's weights."""
         import ray
@@ -488,6 +494,7 @@ class TestOnOneSharedEngine:
 
         config, rollout, pool, groups = shared_judge
         worker = rollout.workers[0]
+        engine_dtype = getattr(torch, config.engine_dtype)
         started = time.perf_counter()
         metrics = pool.score(groups)
         seconds = time.perf_counter() - started
@@ -505,11 +512,11 @@ class TestOnOneSharedEngine:
             for name, param in model.named_parameters():
                 if name.endswith("weight") and param.dim() == 2:
                     param.add_(torch.randn_like(param) * 0.1)
-            for param in model.parameters():  # the engine holds bf16 weights: compare on those
-                param.copy_(param.to(torch.bfloat16).float())
+            for param in model.parameters():  # compare on the weights the engine holds
+                param.copy_(param.to(engine_dtype).float())
 
         def load(state):
-            ray.get(worker.stage_weights.remote(save({k: v.to(torch.bfloat16).contiguous() for k, v in state.items()})))
+            ray.get(worker.stage_weights.remote(save({k: v.to(engine_dtype).contiguous() for k, v in state.items()})))
             ray.get(worker.apply_staged_weights.remote(1))
         try:
             load(model.state_dict())
@@ -521,7 +528,7 @@ class TestOnOneSharedEngine:
         new_gap = max(abs(a - b) for a, b in zip(new_scores, new_manual))
         change = max(abs(a - b) for a, b in zip(scores, new_scores))
         print(f"logprob judge: {len(scores)} candidates in {seconds:.2f} s; scores {min(scores):.3f}..{max(scores):.3f}; "
-              f"max |vLLM bf16 - transformers fp32| {gap:.4f} before, {new_gap:.4f} after new weights; "
+              f"max |vLLM {config.engine_dtype} - transformers fp32| {gap:.4f} before, {new_gap:.4f} after new weights; "
               f"max score change after new weights {change:.3f}")
         assert gap < 0.05 and new_gap < 0.05
         assert change > 2 * 0.05  # well beyond the tolerance
