@@ -77,6 +77,12 @@ class PlainEngine:
                                            weight_decay=learner.weight_decay)
         self.clip, self.gas, self.micro, self.grad_norm = learner.grad_clip, grad_accum_steps, 0, None
 
+    def zero_optimization_stage(self) -> int:
+        return 0
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro + 1) % self.gas == 0  # asked before the micro-step's step()
+
     def backward(self, loss, scale_wrt_gas: bool = True):
         (loss / self.gas if scale_wrt_gas else loss).backward()
 
@@ -102,7 +108,7 @@ def plain_trainer(config, tokenizer, model_path: str):
     from dynalign.learner import PolicyTrainer, accepts_logits_to_keep
 
     trainer = object.__new__(PolicyTrainer)
-    trainer.config, trainer.rank, trainer.world_size = config, 0, 1
+    trainer.config, trainer.rank, trainer.world_size, trainer.zero_stage = config, 0, 1, 0
     trainer.tokenizer, trainer.reference = tokenizer, None
     samples = config.data.prompts_per_iteration * config.rollout.group_size // config.learner.updates_per_iteration
     trainer.grad_accum_steps = samples // config.learner.micro_batch_size

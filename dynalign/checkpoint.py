@@ -1,7 +1,7 @@
 """Checkpoints: everything a run needs to continue exactly where it stood.
 
 Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
-scheduler), ``policy/`` (Hugging Face format, float32), ``state.json`` (iteration, prompt stream position,
+scheduler), ``policy/`` (Hugging Face format, in ``checkpoint.policy_dtype``), ``state.json`` (iteration, prompt stream position,
 judge call counter; every other random choice is seeded from the seed and the iteration)
 and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
 file's size and sha256, checked before a resume starts anything). The directory is written under
@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from dynalign.files import atomic_directory, atomic_write_text, fsync_directory
@@ -41,7 +42,7 @@ def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: i
     try:
         staging.mkdir()
         learner.save_checkpoint(staging / "learner")
-        learner.save_policy(staging / "policy", "float32")  # full precision, whatever checkpoint.policy_dtype says
+        learner.save_policy(staging / "policy")  # checkpoint.policy_dtype; learner/ keeps the float32 master weights
         write_json(staging / "state.json", {**state, "iteration": iteration})
         files = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         write_json(staging / MANIFEST, {"iteration": iteration, "created": time.time(), "files": files})
@@ -151,17 +152,36 @@ def cast_floating(state: dict, dtype) -> dict:
     return {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
 
 
-def write_policy(model, tokenizer, state: dict, path: str | os.PathLike, dtype_name: str) -> None:
-    """``model`` with the weights ``state`` in Hugging Face format under ``path`` (atomically), in
-    ``dtype_name``; its config.json names that dtype, so transformers and vLLM load it as such."""
+def write_policy(model, tokenizer, buckets: Iterable[dict], num_buckets: int,
+                 path: str | os.PathLike, dtype_name: str) -> None:
+    """The weights in ``buckets`` ({name: tensor} dicts, consumed one at a time) in Hugging Face
+    format under ``path``: one safetensors shard per bucket, written as it arrives so that only one
+    bucket is in memory, an index, ``model``'s config naming ``dtype_name`` (so transformers and vLLM
+    load it as such), its generation config and the tokenizer. The directory replaces ``path`` atomically."""
     import torch
+    from safetensors.torch import save_file
 
+    dtype = getattr(torch, dtype_name)
+    weight_map, total_bytes = {}, 0
     with atomic_directory(path) as staging:
-        model.save_pretrained(staging, state_dict=cast_floating(state, getattr(torch, dtype_name)))
-        saved_as = model.config.dtype  # save_pretrained wrote the live module's dtype (float32)
+        for index, bucket in enumerate(buckets, start=1):
+            shard = f"model-{index:05d}-of-{num_buckets:05d}.safetensors"
+            bucket = cast_floating(bucket, dtype)
+            save_file(bucket, str(staging / shard), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(bucket, shard))
+            total_bytes += sum(t.numel() * t.element_size() for t in bucket.values())
+            del bucket
+        if num_buckets == 1:  # the name transformers gives an unsharded model
+            os.replace(staging / shard, staging / "model.safetensors")
+        else:
+            atomic_write_text(staging / "model.safetensors.index.json", json.dumps(
+                {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        saved_as = model.config.dtype  # the live module's dtype (float32)
         model.config.dtype = dtype_name
         try:
             model.config.save_pretrained(staging)
         finally:
             model.config.dtype = saved_as
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

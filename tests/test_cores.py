@@ -7,7 +7,8 @@ from __future__ import annotations
 import os
 
 from dynalign.engine import engine_threads
-from dynalign.learner import rank_threads, zero_stage_for
+from dynalign.learner import rank_threads
+from dynalign.plan import zero_stage_for
 
 
 def test_the_node_cores_are_shared_evenly_among_its_ranks():

@@ -78,6 +78,28 @@ def test_atomic_directory_replaces_whole_or_not_at_all(tmp_path):
     assert _names(target) == ["other"] and _names(tmp_path) == ["model"]  # the old one is gone whole
 
 
+def test_replacing_a_directory_never_leaves_a_moment_without_it(tmp_path, monkeypatch):
+    """The swap is one renameat2(RENAME_EXCHANGE): a reader (vLLM loading run_dir/policy while the
+    run saves it again) finds the old directory or the new one, never none. Every rename the swap
+    makes is checked; the earlier two-rename swap failed this."""
+    import os
+
+    target = tmp_path / "policy"
+    with atomic_directory(target) as staging:
+        (staging / "weights").write_bytes(b"v1")
+    real_replace, seen_missing = os.replace, []
+
+    def replace_and_look(src, dst):
+        real_replace(src, dst)
+        seen_missing.append(not target.is_dir())
+
+    monkeypatch.setattr(os, "replace", replace_and_look)
+    with atomic_directory(target) as staging:
+        (staging / "weights").write_bytes(b"v2")
+    assert (target / "weights").read_bytes() == b"v2" and _names(tmp_path) == ["policy"]
+    assert not any(seen_missing)
+
+
 # --- JSON lines --------------------------------------------------------------------------------
 
 def test_append_and_read_jsonl(tmp_path):

@@ -1,5 +1,6 @@
-"""The final policy is saved in the model's own dtype (``checkpoint.policy_dtype=auto``, read from
-its config.json) or in the one configured; checkpoints keep float32 (``checkpoint.save``)."""
+"""The policy (final and in each checkpoint) is saved in the model's own dtype
+(``checkpoint.policy_dtype=auto``, read from its config.json) or in the one configured, streamed
+one bucket (one safetensors shard) at a time."""
 
 from __future__ import annotations
 
@@ -41,25 +42,40 @@ def test_cast_floating_casts_weights_and_keeps_integer_tensors():
     assert state["weight"].dtype == torch.float32  # the input is left as it was
 
 
-def test_write_policy_saves_weights_and_config_in_the_dtype(tiny_model_path, tmp_path):
-    """What rank 0 does with the gathered float32 weights: a Hugging Face directory whose tensors
-    and config.json are bfloat16, which transformers loads back as bfloat16; the live model keeps
-    its float32 config."""
+@pytest.mark.parametrize("num_buckets", [1, 3])
+def test_write_policy_saves_weights_and_config_in_the_dtype(tiny_model_path, tmp_path, num_buckets):
+    """What rank 0 does with the gathered float32 buckets: a Hugging Face directory (one shard per
+    bucket plus an index, or one model.safetensors) whose tensors and config.json are bfloat16,
+    which transformers loads back as bfloat16; the live model keeps its float32 config."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
     state = {name: p.detach().clone() for name, p in model.named_parameters()}
-    write_policy(model, tokenizer, state, tmp_path / "policy", "bfloat16")
+    names = list(state)
+    cuts = [names[i::num_buckets] for i in range(num_buckets)]
+    consumed = []
 
-    saved = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    def buckets():
+        for cut in cuts:
+            consumed.append(len(cut))
+            yield {name: state[name] for name in cut}
+
+    write_policy(model, tokenizer, buckets(), num_buckets, tmp_path / "policy", "bfloat16")
+    shards = sorted(p.name for p in (tmp_path / "policy").glob("*.safetensors"))
+    assert len(shards) == num_buckets and consumed == [len(cut) for cut in cuts]
+    assert (tmp_path / "policy" / "model.safetensors.index.json").is_file() == (num_buckets > 1)
+    saved = {}
+    for shard in shards:
+        saved.update(load_file(str(tmp_path / "policy" / shard)))
     assert set(saved) == set(state)
     for name, tensor in saved.items():
         assert tensor.dtype == torch.bfloat16, name
         assert torch.equal(tensor, state[name].to(torch.bfloat16)), name
     assert json.loads((tmp_path / "policy" / "config.json").read_text())["dtype"] == "bfloat16"
     assert (tmp_path / "policy" / "tokenizer_config.json").is_file()
+    assert (tmp_path / "policy" / "generation_config.json").is_file()
     assert str(model.config.dtype).removeprefix("torch.") == "float32"
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "policy", dtype="auto")
     assert reloaded.dtype == torch.bfloat16
@@ -67,9 +83,9 @@ def test_write_policy_saves_weights_and_config_in_the_dtype(tiny_model_path, tmp
         assert torch.equal(param, saved[name]), name
 
 
-def test_checkpoints_keep_full_precision(tmp_path):
-    """A checkpoint's policy/ is float32 whatever checkpoint.policy_dtype says (exact resume reads
-    the learner state, and a checkpoint is the run's full-precision record)."""
+def test_checkpoints_save_the_policy_in_the_policy_dtype(tmp_path):
+    """A checkpoint's policy/ is in checkpoint.policy_dtype (the learner's default: half the size of
+    float32 for a bf16 model); exact resume reads the learner state, which keeps float32."""
     from dynalign import checkpoint
 
     asked = []
@@ -85,4 +101,4 @@ def test_checkpoints_keep_full_precision(tmp_path):
             (directory / "model.safetensors").write_bytes(b"w")
 
     checkpoint.save(tmp_path / "run", 0, Learner(), {"prompts": {}}, keep_last=1)
-    assert asked == ["float32"]
+    assert asked == [None]  # None: the learner's checkpoint.policy_dtype
