@@ -11,11 +11,11 @@ between phases):
   and, with beta > 0, the reference model, as the rank keeps them between steps);
 - ``step peak``: the step's peak minus ``base`` (adds activations and logits), set against the
   planner's estimate (``dynalign.plan.learner_rank_memory``) for the same layout;
-- rank 0's rise during ``export_weights`` (a sync) and ``save_policy``: the phase's peak minus the
-  resident memory just before it. The sync's blobs go to Ray's object store, whose shared pages
-  are mapped into rank 0 while it writes them; that transfer (the whole model, which the object
-  store holds until the engines have it) is subtracted (RssShmem before and after), leaving the
-  rank's own memory.
+- rank 0's rise during ``export_weights`` (a sync) and ``save_policy``: the peak of the rank's own
+  (anonymous) memory during the phase, sampled every 2 ms, minus that memory just before it. The
+  sync's blobs go to Ray's object store, whose shared pages are mapped into rank 0 while it
+  writes them and counted in its RSS: that is the transfer itself (the whole model, which the
+  object store holds until the engines have it), not the rank's memory.
 
 Figures (ratios of quantities measured in this run): ZeRO-3's model+optimizer memory per rank over
 ZeRO-0's, for 2 and 4 ranks (close to 1/N: the target is 1.25/N); rank 0's rise during a save and
@@ -98,8 +98,9 @@ def measure(config, samples) -> dict:
             "start_peak_gib": s["rss_peak_gib"] - s["rss_before_model_gib"],
             "model_optimizer_gib": a["rss_gib"] - s["rss_before_model_gib"],
             "step_peak_gib": a["rss_peak_gib"] - s["rss_before_model_gib"],
-            "sync_rise_gib": e["rss_peak_gib"] - a["rss_gib"] - (e["rss_shmem_gib"] - a["rss_shmem_gib"]),
-            "save_rise_gib": v["rss_peak_gib"] - e["rss_gib"],
+            # the rank's own memory, sampled: the object store's shared pages are the transfer
+            "sync_rise_gib": e["anon_peak_gib"] - a["rss_anon_gib"],
+            "save_rise_gib": v["anon_peak_gib"] - e["rss_anon_gib"],
         })
     return {"ranks": ranks, "loss": step["loss"], "skipped": step["skipped_nonfinite"]}
 
@@ -146,37 +147,56 @@ def run(quick: bool = False) -> dict:
                      "base_gib": rank0["base_gib"],
                      "sync_rise_gib": rank0["sync_rise_gib"], "save_rise_gib": rank0["save_rise_gib"],
                      "planner_gib": {k: v / GIB for k, v in estimate.items()}})
+        tqdm.write("  " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1].items() if k.endswith("_gib") and k != "planner_gib")
+                   + f", planner {rows[-1]['planner_gib']['total']:.3f}")
         checks.append(check(f"step ran: {ranks} ranks ZeRO-{stage} beta {beta}", not result["skipped"],
                             f"loss {result['loss']:.4f}"))
 
+    figures, more_checks = layout_figures(rows, bucket_gib)
+    checks += more_checks
+    details = {"model": "SmolLM2-135M-Instruct, float32 learner", "samples": len(samples),
+               "new_tokens": NEW_TOKENS, "bucket_mb": BUCKET_MB, "largest_bucket_gib": bucket_gib, "layouts": rows}
+    return bench_result(NAME, TITLE, figures=figures, checks=checks, details=details)
+
+
+def layout_figures(rows: list[dict], bucket_gib: float) -> tuple[list[dict], list[dict]]:
+    """The figures and the planner check, from the measured layouts."""
     def row(ranks, stage, beta=0.0):
-        return next(r for r in rows if (r["ranks"], r["zero_stage"], r["beta"]) == (ranks, stage, beta))
+        return next((r for r in rows if (r["ranks"], r["zero_stage"], r["beta"]) == (ranks, stage, beta)), None)
 
     figures = []
-    for ranks in sorted({r["ranks"] for r in rows} - {1}):
-        figures.append(figure(
-            f"zero3_over_zero0_{ranks}_ranks", f"ZeRO-3 / ZeRO-0 model+optimizer memory per rank, {ranks} ranks",
-            series(f"ZeRO-3, {ranks} ranks", "GiB", [row(ranks, 3)["model_optimizer_gib"]]),
-            series(f"ZeRO-0, {ranks} ranks", "GiB", [row(ranks, 0)["model_optimizer_gib"]]),
-            target=("<=", round(1.25 / ranks, 3)), note=f"1/N = {1 / ranks:.3f}"))
-    zero3 = [r for r in rows if r["zero_stage"] == 3]
-    figures.append(figure("save_rise_over_bucket", "rank 0's rise during save_policy / one bucket",
-                          series("save rise, ZeRO-3 layouts", "GiB", [r["save_rise_gib"] for r in zero3]),
-                          series("largest bucket gathered (fp32)", "GiB", [bucket_gib]), target=("<=", 1.5),
-                          note=f"the whole model in fp32: {row(1, 0)['planner_gib']['weights']:.2f} GiB"))
-    figures.append(figure("sync_rise_over_bucket", "rank 0's own rise during export_weights / one bucket",
-                          series("sync rise, ZeRO-3 layouts", "GiB", [r["sync_rise_gib"] for r in zero3]),
-                          series("largest bucket gathered (fp32)", "GiB", [bucket_gib]), target=("<=", 1.5),
-                          note="the object store's shared pages (the transfer itself) subtracted"))
+    for ranks in (2, 4):
+        for beta in (0.0, 0.1):
+            if row(ranks, 3, beta) and row(1, 3, beta):  # partitioning alone: ZeRO-3 on N ranks against 1
+                figures.append(figure(
+                    f"zero3_{ranks}_over_1_rank_beta{beta}",
+                    f"ZeRO-3 model+optimizer per rank, {ranks} ranks / 1 rank, beta {beta}",
+                    series(f"{ranks} ranks", "GiB", [row(ranks, 3, beta)["model_optimizer_gib"]]),
+                    series("1 rank", "GiB", [row(1, 3, beta)["model_optimizer_gib"]]),
+                    target=("<=", round(1.25 / ranks, 3)), note=f"1/N = {1 / ranks:.3f}"))
+        if row(ranks, 3) and row(ranks, 0):
+            figures.append(figure(
+                f"zero3_over_zero0_{ranks}_ranks", f"ZeRO-3 / ZeRO-0 model+optimizer per rank, {ranks} ranks",
+                series(f"ZeRO-3, {ranks} ranks", "GiB", [row(ranks, 3)["model_optimizer_gib"]]),
+                series(f"ZeRO-0, {ranks} ranks", "GiB", [row(ranks, 0)["model_optimizer_gib"]]),
+                note="context: between steps ZeRO-0 keeps 12P bytes (its gradients are freed), ZeRO-3 20P/N"))
+    whole_fp32 = max(r["planner_gib"]["weights"] * (r["ranks"] if r["zero_stage"] == 3 else 1) for r in rows)
+    for phase in ("save", "sync"):
+        for stages, label in (((0, 2), "ZeRO-0/2"), ((3,), "ZeRO-3")):
+            rises = [r[f"{phase}_rise_gib"] for r in rows if r["zero_stage"] in stages]
+            if rises:
+                figures.append(figure(
+                    f"{phase}_rise_over_bucket_zero{''.join(map(str, stages))}",
+                    f"rank 0's own rise during {'save_policy' if phase == 'save' else 'export_weights'}, {label} / one bucket",
+                    series(f"{phase} rise, {label} layouts", "GiB", rises),
+                    series("largest bucket (fp32)", "GiB", [bucket_gib]), target=("<=", 1.0),
+                    note=f"the whole model in fp32: {whole_fp32:.2f} GiB"))
     figures.append(figure("planner_over_measured", "planner's per-rank estimate / measured step peak, every layout",
                           series("planner", "GiB", [r["planner_gib"]["total"] for r in rows]),
                           series("measured step peak", "GiB", [r["step_peak_gib"] for r in rows])))
     off = [(r["ranks"], r["zero_stage"], r["beta"], round(r["planner_gib"]["total"] / r["step_peak_gib"], 3))
            for r in rows if abs(r["planner_gib"]["total"] / r["step_peak_gib"] - 1) > 0.25]
-    checks.append(check("planner within 25% of every measured step peak", not off, f"outside: {off}"))
-    details = {"model": "SmolLM2-135M-Instruct, float32 learner", "samples": len(samples),
-               "new_tokens": NEW_TOKENS, "bucket_mb": BUCKET_MB, "largest_bucket_gib": bucket_gib, "layouts": rows}
-    return bench_result(NAME, TITLE, figures=figures, checks=checks, details=details)
+    return figures, [check("planner within 25% of every measured step peak", not off, f"outside: {off}")]
 
 
 def table(result: dict) -> str:

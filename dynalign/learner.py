@@ -29,7 +29,7 @@ from dynalign.channel import _RESTARTED, CommandChannel
 from dynalign.checkpoint import policy_dtype, write_policy
 from dynalign.config import RunError, TrainConfig
 from dynalign.files import atomic_write_text
-from dynalign.memory import memory_gib, reset_peak
+from dynalign.memory import memory_gib, release_free_memory, reset_peak
 from dynalign.plan import zero_optimization, zero_stage_for
 
 # DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR: one per environment (built
@@ -135,6 +135,7 @@ class PolicyTrainer:
                                                             dist_init_required=False)
                 self.reference = reference_engine.module
         self.keeps_logits = accepts_logits_to_keep(model)
+        release_free_memory()  # what loading freed (state dicts, fp32 staging) goes back to the host
 
     def _load_model(self, ds_config: dict, dtype: torch.dtype):
         """The model in ``dtype``; under ZeRO-3 built already partitioned (transformers' DeepSpeed
@@ -258,6 +259,7 @@ class PolicyTrainer:
         summary["step_seconds"] = time.perf_counter() - started
         summary["threads"] = float(torch.get_num_threads())
         summary.update({f"{key}_max": value for key, value in memory_gib().items() if "peak" in key})
+        release_free_memory()  # the step's activations and gathers, freed, not kept by the allocator
         batches = [b for mbs in local_micro for b in mbs]
         summary["pad_fraction"] = padding_fraction(batches)
         summary["tokens"] = float(sum(int(b.attention_mask.sum()) for b in batches))
@@ -357,10 +359,10 @@ class PolicyTrainer:
 
     def memory(self, reset: bool = False) -> dict:
         """This rank's host (and GPU) memory in GiB: now, the peak since the last reset, and before
-        the model was loaded; ``reset`` then starts a new peak."""
+        the model was loaded; ``reset`` then starts a new peak, sampling the rank's own memory too."""
         report = {**memory_gib(), "rss_before_model_gib": self.rss_before_model_gib, "rank": self.rank}
         if reset:
-            reset_peak()
+            reset_peak(sample_anon=True)
         return report
 
     def ping(self) -> dict:

@@ -118,12 +118,16 @@ def zero_stage_for(configured: int, world_size: int) -> int:
 
 
 def zero_optimization(stage: int, hidden: int) -> dict:
-    """DeepSpeed's ``zero_optimization`` section for the learner. ZeRO-3's buffers are sized from the
-    model's hidden size, as transformers' "auto" values size them, and so are its cap on gathered
-    parameters and its optimizer sub-groups (DeepSpeed's defaults, 5e8-1e9 elements, kept a 135M
-    model whole and gathered on CPU: more memory per rank than ZeRO-0)."""
-    if stage != 3:
+    """DeepSpeed's ``zero_optimization`` section for the learner. ZeRO-2/3's gradient buckets are
+    sized from the model's hidden size, as transformers' "auto" values size them, and so are
+    ZeRO-3's cap on gathered parameters and its optimizer sub-groups (DeepSpeed's defaults, 5e8-1e9
+    elements, held a 135M model's whole gradient in a bucket and kept it gathered on CPU: ZeRO-3
+    used more memory per rank than ZeRO-0). ZeRO-1 keeps DeepSpeed's defaults (the CPU demo's
+    learner, whose speed was measured with them)."""
+    if stage < 2:
         return {"stage": stage}
+    if stage == 2:
+        return {"stage": 2, "reduce_bucket_size": hidden * hidden, "allgather_bucket_size": hidden * hidden}
     return {"stage": 3, "reduce_bucket_size": hidden * hidden, "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
             "stage3_param_persistence_threshold": 10 * hidden, "stage3_max_live_parameters": 10 * hidden * hidden,
             "stage3_max_reuse_distance": 10 * hidden * hidden, "sub_group_size": 10 * hidden * hidden}
@@ -157,6 +161,13 @@ def _rank_memory(config: TrainConfig, ranks: int, stage: int, beta: float, check
               "optimizer": p * (master + 8) // (ranks if stage >= 1 else 1),
               "reference": p * width // (ranks if stage >= 3 else 1) if beta > 0 else 0,
               "activations": learner_activations(config, arch, checkpointing, micro_batch)}
+    # torch's AdamW steps a tensor through two temporaries its size (sqrt, then the bias-corrected
+    # denominator): under ZeRO-1/2 the rank's whole flat fp32 partition, under ZeRO-0 one
+    # parameter at a time (the largest, the embedding), under ZeRO-3 one sub-group (below).
+    if stage in (1, 2):
+        memory["activations"] += 2 * 4 * p // ranks
+    elif stage == 0:
+        memory["activations"] += 2 * 4 * arch.embedding_params
     if stage >= 3:
         zero = zero_optimization(3, arch.hidden)
         # Parameters gathered for compute: up to stage3_max_live_parameters kept, plus the module
