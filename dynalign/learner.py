@@ -23,7 +23,7 @@ from typing import Any
 import ray
 import torch
 
-from dynalign import grpo
+from dynalign import grpo, lora
 from dynalign.batch import PaddedBatch, Sample, padding_fraction, rank_micro_batches
 from dynalign.channel import _RESTARTED, CommandChannel
 from dynalign.checkpoint import policy_dtype, write_policy
@@ -96,6 +96,8 @@ class _RankFailure:
 class PolicyTrainer:
     """One rank's DeepSpeed engine and the GRPO step."""
 
+    lora = None  # learner.lora when it trains an adapter (rank > 0); None: full fine-tuning
+
     def __init__(self, config: TrainConfig, rank: int, world_size: int):
         import deepspeed
         from transformers import AutoConfig, AutoTokenizer
@@ -120,9 +122,12 @@ class PolicyTrainer:
             "steps_per_print": 2**31,
         }
         model = self._load_model(ds_config, torch.float32)
+        self.lora = learner.lora if learner.lora.enabled else None  # None: full fine-tuning
+        if self.lora is not None:
+            model = lora.wrap(model, self.lora, learner.gradient_checkpointing)
         if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=tuple(learner.adam_betas),
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learner.lr,  # LoRA: the adapter betas=tuple(learner.adam_betas),
                                       weight_decay=learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
@@ -134,7 +139,7 @@ class PolicyTrainer:
                 reference_engine, *_ = deepspeed.initialize(model=self.reference, config=ds_config,
                                                             dist_init_required=False)
                 self.reference = reference_engine.module
-        self.keeps_logits = accepts_logits_to_keep(model)
+        self.keeps_logits = accepts_logits_to_keep(lora.base_model(model))  # PEFT's forward passes it on
 
     def _load_model(self, ds_config: dict, dtype: torch.dtype):
         """The model in ``dtype``; under ZeRO-3 built already partitioned (transformers' DeepSpeed
@@ -264,18 +269,18 @@ class PolicyTrainer:
         return summary
 
     # -- weights out ------------------------------------------------------------------------------
-    def _bucket_plan(self, bucket_bytes: int, dtype: torch.dtype) -> list[list[tuple[str, torch.nn.Parameter]]]:
-        """The parameters cut into buckets of about ``bucket_bytes`` in ``dtype`` (same on every rank)."""
+    def _bucket_plan(self, bucket_bytes: int, dtype: torch.dtype, adapter: bool = False) -> list[list[tuple]]:
+        """The entries cut into buckets of about ``bucket_bytes`` in ``dtype`` (same on every rank)."""
         plan, bucket, size = [], [], 0
-        for name, param in self.engine.module.named_parameters():
-            bucket.append((name, param))
-            size += getattr(param, "ds_numel", param.numel()) * dtype.itemsize
+        for entry in lora.entries(self.engine.module, self.lora is not None, adapter):
+            bucket.append(entry)
+            size += getattr(entry[1], "ds_numel", entry[1].numel()) * dtype.itemsize
             if size >= bucket_bytes:
                 plan.append(bucket)
                 bucket, size = [], 0
         return plan + [bucket] if bucket else plan
 
-    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype, device: str | None = None):
+    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype, device: str | None = None, adapter: bool = False):
         """Yield {name: tensor} buckets of the full weights, in ``dtype`` on ``device`` (default: the
         parameters' own). Only one bucket exists at a time: under ZeRO-3 its gather is released
         when the consumer asks for the next one, so the consumer must be done with it by then.
@@ -283,33 +288,37 @@ class PolicyTrainer:
         import contextlib
 
         import deepspeed
-        for bucket in self._bucket_plan(bucket_bytes, dtype):
-            params = [p for _, p in bucket]
+        for bucket in self._bucket_plan(bucket_bytes, dtype, adapter):
+            params = [p for entry in bucket for p in lora.entry_params(entry)]
             gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3
                         else contextlib.nullcontext())
             with gathered:
-                yield ({n: p.detach().to(device or p.device, dtype).contiguous() for n, p in bucket}
-                       if self.rank == 0 else {})
+                yield ({entry[0]: lora.entry_value(entry).to(device or entry[1].device, dtype).contiguous()
+                        for entry in bucket} if self.rank == 0 else {})
 
     def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict | None:
         """Rank 0 puts each bucket as a safetensors blob in the object store as soon as it is
-        gathered, so its own memory holds one bucket at a time; the sync layer ships them."""
+        gathered, so its own memory holds one bucket at a time; the sync layer ships them. With LoRA
+        only the adapter goes, with the PEFT config the engines build it from."""
         from safetensors.torch import save
 
         refs, total = [], 0
-        for bucket in self.weight_buckets(bucket_bytes, getattr(torch, dtype_name), device="cpu"):
+        adapter = self.lora is not None
+        for bucket in self.weight_buckets(bucket_bytes, getattr(torch, dtype_name), device="cpu", adapter=adapter):
             if self.rank == 0:
                 blob = save(bucket)
                 total += len(blob)
                 refs.append(ray.put(blob))
                 del blob, bucket
-        return {"buckets": refs, "bytes": total} if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {"buckets": refs, "bytes": total, **({"peft_config": lora.engine_peft_config(self.lora)} if adapter else {})}
 
     def save_policy(self, path: str, dtype_name: str | None = None) -> str | None:
         """Hugging Face format (loadable by transformers and vLLM) in ``dtype_name`` (default:
         ``checkpoint.policy_dtype``, auto = the model's own dtype). Rank 0 writes one safetensors
         shard per bucket as it is gathered (one bucket in host memory at a time) into a staging
-        directory that replaces ``path`` atomically."""
+        directory that replaces ``path`` atomically. With LoRA: the adapter merged into the base weights."""
         dtype_name = dtype_name or self.policy_dtype
         dtype = getattr(torch, dtype_name)
         bucket_bytes = int(self.config.sync.bucket_mb * 2**20)
@@ -318,8 +327,17 @@ class PolicyTrainer:
             for _ in buckets:
                 pass
             return None
-        write_policy(self.engine.module, self.tokenizer, buckets, len(self._bucket_plan(bucket_bytes, dtype)),
+        write_policy(lora.base_model(self.engine.module), self.tokenizer, buckets, len(self._bucket_plan(bucket_bytes, dtype)),
                      path, dtype_name)
+        return str(Path(path))
+
+    def save_adapter(self, path: str) -> str | None:
+        """LoRA: the adapter alone in PEFT format, float32 (the trained values), one gather."""
+        buckets = self.weight_buckets(2**62, torch.float32, device="cpu", adapter=True)  # one bucket: it is small
+        tensors = {name: t for bucket in buckets for name, t in bucket.items()}
+        if self.rank != 0:
+            return None
+        lora.write_adapter(path, tensors, self.lora, self.config.model.path)
         return str(Path(path))
 
     def save_checkpoint(self, directory: str) -> None:
@@ -539,6 +557,10 @@ class LearnerGroup:
     def save_policy(self, path: str | os.PathLike, dtype_name: str | None = None) -> str:
         """The policy in Hugging Face format, in ``dtype_name`` (default: ``checkpoint.policy_dtype``)."""
         return self.call("save_policy", str(path), dtype_name)[0]
+
+    def save_adapter(self, path: str | os.PathLike) -> str:
+        """LoRA runs: the adapter in PEFT format."""
+        return self.call("save_adapter", str(path))[0]
 
     def memory(self, reset: bool = False) -> list[dict]:
         """Every rank's ``PolicyTrainer.memory`` (GiB), in rank order."""

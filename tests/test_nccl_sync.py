@@ -39,7 +39,7 @@ def make_trainers(config: TrainConfig, world_size: int = 2) -> list:
     for rank in range(world_size):
         torch.manual_seed(0)  # data-parallel ranks hold the same weights
         trainer = object.__new__(PolicyTrainer)  # the real methods, without DeepSpeed/Ray Train around them
-        trainer.config, trainer.rank, trainer.world_size = config, rank, world_size
+        trainer.config, trainer.rank, trainer.world_size, trainer.zero_stage = config, rank, world_size, 0
         trainer.engine = SimpleNamespace(module=TinyPolicy())
         trainer.buckets_walked = 0
         walk = trainer.weight_buckets
