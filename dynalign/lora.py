@@ -102,6 +102,35 @@ def entry_value(entry) -> torch.Tensor:
     return param.detach().float() + scaling * (lora_b.detach().float() @ lora_a.detach().float())
 
 
+def merge_adapter(adapter: str | os.PathLike, out: str | os.PathLike, base: str | None = None,
+                  dtype_name: str = "auto") -> Path:
+    """``dynalign export --merge``: the adapter at ``adapter`` merged into its base (``base``, or the
+    one its adapter_config.json names), in Hugging Face format at ``out`` (replaced atomically)."""
+    import json
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dynalign.checkpoint import policy_dtype
+    from dynalign.config import ConfigError
+    from dynalign.files import atomic_directory
+
+    config_file = Path(adapter) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"export ADAPTER = '{adapter}': no adapter_config.json there; give a LoRA run's adapter "
+                          "directory, e.g. RUN/adapter")
+    base = base or json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"export --base = {base!r}: not a model directory; give the base model with --base")
+    dtype = policy_dtype(dtype_name, base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter))
+    merged = model.merge_and_unload().to(getattr(torch, dtype))  # merged in float32, then cast once
+    with atomic_directory(out) as staging:
+        merged.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+    return Path(out)
+
+
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], lora: LoraConfig, base_model_path: str) -> None:
     """The adapter in PEFT format (``adapter_model.safetensors``, ``adapter_config.json``): what
     ``PeftModel.from_pretrained(base, path)`` and vLLM's ``LoRARequest(lora_path=path)`` load.

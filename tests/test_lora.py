@@ -258,3 +258,38 @@ def test_lora_resume_is_exact(ray_local, tiny_model_path, tmp_path):
     assert moved > 0 and adapters["split"].keys() == adapters["straight"].keys()
     for name, tensor in adapters["straight"].items():
         assert torch.equal(adapters["split"][name], tensor), name
+
+
+def test_export_merges_an_adapter_into_its_base(tiny_model_path, tmp_path, capsys):
+    """`dynalign export --merge ADAPTER OUT`: a PEFT adapter (as a LoRA run saves it) merged into its
+    base gives the adapter's log-probs in transformers; a directory without an adapter is refused
+    in one line."""
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dynalign import lora
+    from dynalign.cli import main
+    from dynalign.config import LoraConfig
+
+    config = LoraConfig(rank=4, alpha=8.0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_path), lora.peft_config(config))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    tensors = {name: t.detach() for name, t, _ in lora.adapter_entries(model)}
+    lora.write_adapter(tmp_path / "adapter", tensors, config, tiny_model_path)
+    assert main(["export", "--merge", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
+    assert "merged model written" in capsys.readouterr().out
+    ids = torch.tensor([[1, 5, 9, 40, 77, 3]])
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_path), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        want = adapter(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_path)(input_ids=ids).logits
+    assert (got - want).abs().max() < 1e-4 < (base - want).abs().max()
+    capsys.readouterr()  # drop transformers' loading output
+    assert main(["export", "--merge", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no adapter_config.json there" in err[0]
