@@ -1,7 +1,8 @@
 """Checkpoints: everything a run needs to continue exactly where it stood.
 
 Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
-scheduler), ``policy/`` (Hugging Face format, in ``checkpoint.policy_dtype``), ``state.json`` (iteration, prompt stream position,
+scheduler), ``policy/`` (Hugging Face format, in ``checkpoint.policy_dtype``; with LoRA
+``adapter/`` instead, in PEFT format), ``state.json`` (iteration, prompt stream position,
 judge call counter; every other random choice is seeded from the seed and the iteration)
 and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
 file's size and sha256, checked before a resume starts anything). The directory is written under
@@ -32,8 +33,9 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: int) -> Path:
-    """Write the checkpoint of a completed ``iteration``; returns its directory."""
+def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: int, adapter: bool = False) -> Path:
+    """Write the checkpoint of a completed ``iteration``; returns its directory. ``adapter``: a LoRA
+    run, whose checkpoint keeps the adapter, not a merged copy of the whole model."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{iteration:06d}"
@@ -42,7 +44,10 @@ def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: i
     try:
         staging.mkdir()
         learner.save_checkpoint(staging / "learner")
-        learner.save_policy(staging / "policy")  # checkpoint.policy_dtype; learner/ keeps the float32 master weights
+        if adapter:
+            learner.save_adapter(staging / "adapter")
+        else:
+            learner.save_policy(staging / "policy")  # checkpoint.policy_dtype; learner/ keeps the float32 master weights
         write_json(staging / "state.json", {**state, "iteration": iteration})
         files = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         write_json(staging / MANIFEST, {"iteration": iteration, "created": time.time(), "files": files})

@@ -12,6 +12,7 @@
     dynalign jobs status|logs|stop ID --address URL
     dynalign eval --policy RUN/policy --baseline MODEL [--config X] [--tasks T1,T2]   # aligned? capable?
     dynalign report RUN_DIR [--out DIR]                          # RUN_DIR/report/index.html
+    dynalign export --merge RUN/adapter OUT [--base MODEL]       # a LoRA adapter merged into its base
 
 Each subcommand is one ``_add_<name>`` function (its parser) plus one ``_cmd_<name>`` function
 (what it does); add later subcommands the same way and list them in ``SUBCOMMANDS``. Heavy
@@ -345,6 +346,30 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     add_report_parser(sub)
 
 
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="merge a LoRA adapter (PEFT format) into its base model",
+                       description="Write ADAPTER merged into its base model to OUT in Hugging Face format (what "
+                                   "transformers and vLLM load). A LoRA run saves this as RUN/policy already.")
+    p.add_argument("adapter", metavar="ADAPTER", help="the adapter directory, e.g. RUN/adapter")
+    p.add_argument("out", metavar="OUT", help="output directory (replaced atomically)")
+    p.add_argument("--merge", action="store_true", required=True, help="merge the adapter into the base weights")
+    p.add_argument("--base", default=None, help="the base model (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype of the merged weights (auto: the base model's own)")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dynalign.lora import merge_adapter
+
+    print(f"{merge_adapter(args.adapter, args.out, args.base, args.dtype)}: merged model written")
+    return 0
+
+
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train,
     _add_config,
@@ -357,6 +382,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_jobs,
     _add_eval,
     _add_report,
+    _add_export,
 ]
 
 

@@ -21,23 +21,8 @@ from typing import Any, ClassVar, Literal
 
 from omegaconf import OmegaConf
 
-
-class ConfigError(ValueError):
-    """A bad option; its message is one line meant for the user."""
-
-
-class RunError(RuntimeError):
-    """A run stopped for a reason its first line tells the user (the CLI prints it, exit 1); any
-    further lines are detail, such as a rank's traceback."""
-
-
-def opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
-        min_exclusive: bool = False) -> Any:
-    """A config field with its one-line doc and an allowed numeric range."""
-    meta = {"doc": doc, "min": min, "max": max, "min_exclusive": min_exclusive}
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from dynalign.learner_config import LearnerConfig, LoraConfig  # noqa: F401 (re-exported)
+from dynalign.options import ConfigError, RunError, opt  # noqa: F401 (re-exported: dynalign imports them from here)
 
 
 @dataclass
@@ -139,42 +124,6 @@ class JudgeConfig:
             raise ConfigError("judge.mode = logprob with judge.kind = openai: an endpoint returns text, not the engine's "
                               "score-token distribution; use judge.mode=generate or group")
 
-
-@dataclass
-class LearnerConfig:
-    num_ranks: int = opt(2, "DeepSpeed ranks (Ray Train workers).", min=1)
-    zero_stage: int = opt(2, "DeepSpeed ZeRO stage: 0, 1, 2 or 3 (one rank runs 1 and 2 as 0: nothing to partition).", min=0, max=3)
-    lr: float = opt(1e-5, "AdamW learning rate.", min=0.0, min_exclusive=True)
-    weight_decay: float = opt(0.0, "AdamW weight decay.", min=0.0)
-    adam_betas: list = opt([0.9, 0.999], "AdamW betas.")
-    grad_clip: float = opt(1.0, "Clip the global gradient norm to this (0 disables).", min=0.0)
-    micro_batch_size: int = opt(4, "Sequences per forward/backward on one rank.", min=1)
-    sort_by_length: bool = opt(True, "Cut micro-batches from sequences sorted by length (less padding; the gradient is the same).")
-    updates_per_iteration: int = opt(1, "Optimizer steps per iteration (the batch is split into this many mini-batches).", min=1)
-    eps_low: float = opt(0.2, "Lower clip range of the importance ratio (1 - eps_low).", min=0.0)
-    eps_high: float = opt(0.28, "Upper clip range of the importance ratio (1 + eps_high), DAPO's clip-higher.", min=0.0)
-    beta: float = opt(0.0, "KL-to-reference coefficient; 0 disables the KL term and the reference model.", min=0.0)
-    kl_estimator: Literal["k1", "k2", "k3"] = opt("k3", "Estimator of KL(policy || reference) per token.")
-    loss_agg: Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"] = opt("token_mean", "Loss aggregation: GRPO (seq_mean_token_mean), DAPO (token_mean) or Dr. GRPO (seq_mean_token_sum_norm).")
-    adv_std_norm: Literal["group", "batch", "none"] = opt("group", "Divide advantages by the group's reward std, the batch std, or nothing (Dr. GRPO).")
-    tis_cap: float = opt(2.0, "Cap of the truncated importance weights correcting engine-vs-learner log-prob mismatch.", min=1.0)
-    tis: bool = opt(True, "Apply truncated importance sampling for the engine/learner mismatch.")
-    drop_tied_groups: bool = opt(True, "Drop groups whose rewards all tie (no signal) and refill with fresh prompts (DAPO dynamic sampling).")
-    max_refill_rounds: int = opt(2, "Extra generation rounds to refill dropped groups before training on what is left.", min=0)
-    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
-    num_cpus_per_rank: float = opt(0.5, "CPUs Ray reserves per learner rank.", min=0.0)
-    threads_per_rank: int = opt(0, "torch CPU threads of a learner rank; 0: the cores of its node shared evenly among the ranks there (one rank on a 2-core node uses both). Shown as learner.threads.", min=0)
-    num_gpus_per_rank: float = opt(0.0, "GPUs per learner rank (1 on GPU clusters).", min=0.0)
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places learner ranks across nodes.")
-    resources_per_rank: dict = opt({}, "Extra custom Ray resources per learner rank, e.g. {learner_node: 1}.")
-    max_nonfinite_steps: int = opt(3, "Stop after this many steps in a row skipped for a NaN or infinite loss.", min=1)
-    max_failures: int = opt(3, "Times Ray Train restarts the learner group after a rank dies (from the last checkpoint); -1: always.", min=-1)
-
-    def check(self) -> None:
-        betas = self.adam_betas
-        if (len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in betas)
-                or not all(0.0 <= b < 1.0 for b in betas)):
-            raise ConfigError(f"learner.adam_betas = {betas!r}: give two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 @dataclass
 class SyncConfig:
@@ -371,6 +320,10 @@ class TrainConfig:
                 f"data.prompts_per_iteration * rollout.group_size = {samples} must be a multiple of "
                 f"learner.num_ranks * learner.micro_batch_size * learner.updates_per_iteration = {per_update}; "
                 "change one of them")
+        if self.learner.lora.enabled and self.sync.backend == "nccl":
+            raise ConfigError(f"sync.backend = nccl with learner.lora.rank = {self.learner.lora.rank}: the NCCL transfer "
+                              "moves full weights, a LoRA run moves only its adapter (through the object store); "
+                              "use sync.backend=auto or reload")
         if self.generation.enabled:
             self.generation.check(self.rollout)
         check_resource_shapes(self)

@@ -148,7 +148,9 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
                 break
         progress.close()
         if iteration >= config.iterations and config.checkpoint.save_final_policy:
-            system.learner.save_policy(run_dir / "policy")
+            system.learner.save_policy(run_dir / "policy")  # with LoRA: the adapter merged in
+            if config.learner.lora.enabled:
+                system.learner.save_adapter(run_dir / "adapter")  # and the adapter alone, in PEFT format
     finally:
         if logger is not None:
             logger.close()
@@ -184,7 +186,8 @@ def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: Prom
     # Every other random choice is seeded from (seed, iteration); the judge's call counter seeds its
     # sampling (judge.mode=generate), so it is part of the exact-resume state.
     state = {"prompts": prompts.state(), "judge_calls": system.judge.calls}
-    path = checkpoint.save(run_dir, iteration, system.learner, state, config.checkpoint.keep_last)
+    path = checkpoint.save(run_dir, iteration, system.learner, state, config.checkpoint.keep_last,
+                           adapter=config.learner.lora.enabled)
     system.learner.report_checkpoint(path, iteration)
 
 
@@ -341,7 +344,7 @@ def prepare_run_dir(run_dir: Path, fresh: bool, overwrite: bool) -> None:
     writable_dir("run_dir", run_dir)
     if not fresh:
         return
-    earlier = [name for name in (*RUN_LOGS, "checkpoints", "policy") if (run_dir / name).exists()]
+    earlier = [name for name in (*RUN_LOGS, "checkpoints", "policy", "adapter") if (run_dir / name).exists()]
     if earlier and not overwrite:
         raise ConfigError(f"run_dir = '{run_dir}' holds a run ({', '.join(earlier)}); continue it with --resume, "
                           "replace it with --overwrite, or choose another run_dir")

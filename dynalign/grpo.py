@@ -379,3 +379,15 @@ def logprob_gap_stats(
             "mean_abs": _masked_mean(gap.abs(), mask).item(),
             "k3": _masked_mean(_kl_from_log_ratio(gap, "k3"), mask).item(),
         }
+
+
+_SUMMED_METRICS = ("loss", "tokens")
+
+
+def reduce_metric(key: str, values: list[float]) -> float:
+    """Combine a metric over micro-steps or ranks: totals add, maxima take the max, the rest average."""
+    if key in _SUMMED_METRICS:
+        return sum(values)
+    if key.endswith("max") or "_max_" in key:
+        return max(values)
+    return sum(values) / len(values)

@@ -23,7 +23,7 @@ from typing import Any
 import ray
 import torch
 
-from dynalign import grpo
+from dynalign import grpo, lora
 from dynalign.batch import PaddedBatch, Sample, padding_fraction, rank_micro_batches
 from dynalign.channel import _RESTARTED, CommandChannel
 from dynalign.checkpoint import policy_dtype, write_policy
@@ -50,9 +50,6 @@ class LearnerRestarted(LearnerError):
 POINTER_FILE = "dynalign_checkpoint.json"  # what a learner checkpoint registered with Ray Train holds
 
 
-_SUMMED_METRICS = ("loss", "tokens")
-
-
 def accepts_logits_to_keep(model) -> bool:
     """Whether the model's forward can compute logits for the last positions only (transformers'
     causal LMs can; a remote-code model may not)."""
@@ -75,15 +72,6 @@ def _grad_norm(model) -> float:
     return float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
 
 
-def _reduce(key: str, values: list[float]) -> float:
-    """Combine a metric over micro-steps or ranks: totals add, maxima take the max, the rest average."""
-    if key in _SUMMED_METRICS:
-        return sum(values)
-    if key.endswith("max") or "_max_" in key:
-        return max(values)
-    return sum(values) / len(values)
-
-
 class _RankFailure:
     def __init__(self, rank: int, command: str, trace: str):
         self.rank, self.command, self.trace = rank, command, trace
@@ -95,6 +83,8 @@ class _RankFailure:
 
 class PolicyTrainer:
     """One rank's DeepSpeed engine and the GRPO step."""
+
+    lora = None  # learner.lora when it trains an adapter (rank > 0); None: full fine-tuning
 
     def __init__(self, config: TrainConfig, rank: int, world_size: int):
         import deepspeed
@@ -120,9 +110,13 @@ class PolicyTrainer:
             "steps_per_print": 2**31,
         }
         model = self._load_model(ds_config, torch.float32)
+        self.lora = learner.lora if learner.lora.enabled else None  # None: full fine-tuning
+        if self.lora is not None:
+            model = lora.wrap(model, self.lora, learner.gradient_checkpointing)
         if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=learner.lr, betas=tuple(learner.adam_betas),
+        trained = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapter only
+        optimizer = torch.optim.AdamW(trained, lr=learner.lr, betas=tuple(learner.adam_betas),
                                       weight_decay=learner.weight_decay)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                                dist_init_required=False)
@@ -134,7 +128,7 @@ class PolicyTrainer:
                 reference_engine, *_ = deepspeed.initialize(model=self.reference, config=ds_config,
                                                             dist_init_required=False)
                 self.reference = reference_engine.module
-        self.keeps_logits = accepts_logits_to_keep(model)
+        self.keeps_logits = accepts_logits_to_keep(lora.base_model(model))  # PEFT's forward passes it on
         release_free_memory()  # what loading freed (state dicts, fp32 staging) goes back to the host
 
     def _load_model(self, ds_config: dict, dtype: torch.dtype):
@@ -249,7 +243,7 @@ class PolicyTrainer:
                         metrics[f"engine_gap_{key}"].append(float(value))
             if self.engine.zero_optimization_stage() > 0 and (norm := self.engine.get_global_grad_norm()) is not None:
                 metrics["grad_norm"].append(float(norm))
-        summary = {key: _reduce(key, values) for key, values in metrics.items()}
+        summary = {key: grpo.reduce_metric(key, values) for key, values in metrics.items()}
         summary["skipped_nonfinite"] = summary["nonfinite_forward"] = 0.0
         # A finite loss can still step to NaN weights (an infinite lr, an overflowing gradient):
         # the ranks check their own shard and stop together rather than save a broken policy.
@@ -266,18 +260,18 @@ class PolicyTrainer:
         return summary
 
     # -- weights out ------------------------------------------------------------------------------
-    def _bucket_plan(self, bucket_bytes: int, dtype: torch.dtype) -> list[list[tuple[str, torch.nn.Parameter]]]:
-        """The parameters cut into buckets of about ``bucket_bytes`` in ``dtype`` (same on every rank)."""
+    def _bucket_plan(self, bucket_bytes: int, dtype: torch.dtype, adapter: bool = False) -> list[list[tuple]]:
+        """The entries cut into buckets of about ``bucket_bytes`` in ``dtype`` (same on every rank)."""
         plan, bucket, size = [], [], 0
-        for name, param in self.engine.module.named_parameters():
-            bucket.append((name, param))
-            size += getattr(param, "ds_numel", param.numel()) * dtype.itemsize
+        for entry in lora.entries(self.engine.module, self.lora is not None, adapter):
+            bucket.append(entry)
+            size += getattr(entry[1], "ds_numel", entry[1].numel()) * dtype.itemsize
             if size >= bucket_bytes:
                 plan.append(bucket)
                 bucket, size = [], 0
         return plan + [bucket] if bucket else plan
 
-    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype, device: str | None = None):
+    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype, device: str | None = None, adapter: bool = False):
         """Yield {name: tensor} buckets of the full weights, in ``dtype`` on ``device`` (default: the
         parameters' own). Only one bucket exists at a time: under ZeRO-3 its gather is released
         when the consumer asks for the next one, so the consumer must be done with it by then.
@@ -285,33 +279,37 @@ class PolicyTrainer:
         import contextlib
 
         import deepspeed
-        for bucket in self._bucket_plan(bucket_bytes, dtype):
-            params = [p for _, p in bucket]
+        for bucket in self._bucket_plan(bucket_bytes, dtype, adapter):
+            params = [p for entry in bucket for p in lora.entry_params(entry)]
             gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3
                         else contextlib.nullcontext())
             with gathered:
-                yield ({n: p.detach().to(device or p.device, dtype).contiguous() for n, p in bucket}
-                       if self.rank == 0 else {})
+                yield ({entry[0]: lora.entry_value(entry).to(device or entry[1].device, dtype).contiguous()
+                        for entry in bucket} if self.rank == 0 else {})
 
     def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict | None:
         """Rank 0 puts each bucket as a safetensors blob in the object store as soon as it is
-        gathered, so its own memory holds one bucket at a time; the sync layer ships them."""
+        gathered, so its own memory holds one bucket at a time; the sync layer ships them. With LoRA
+        only the adapter goes, with the PEFT config the engines build it from."""
         from safetensors.torch import save
 
         refs, total = [], 0
-        for bucket in self.weight_buckets(bucket_bytes, getattr(torch, dtype_name), device="cpu"):
+        adapter = self.lora is not None
+        for bucket in self.weight_buckets(bucket_bytes, getattr(torch, dtype_name), device="cpu", adapter=adapter):
             if self.rank == 0:
                 blob = save(bucket)
                 total += len(blob)
                 refs.append(ray.put(blob))
                 del blob, bucket
-        return {"buckets": refs, "bytes": total} if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {"buckets": refs, "bytes": total, **({"peft_config": lora.engine_peft_config(self.lora)} if adapter else {})}
 
     def save_policy(self, path: str, dtype_name: str | None = None) -> str | None:
         """Hugging Face format (loadable by transformers and vLLM) in ``dtype_name`` (default:
         ``checkpoint.policy_dtype``, auto = the model's own dtype). Rank 0 writes one safetensors
         shard per bucket as it is gathered (one bucket in host memory at a time) into a staging
-        directory that replaces ``path`` atomically."""
+        directory that replaces ``path`` atomically. With LoRA: the adapter merged into the base weights."""
         dtype_name = dtype_name or self.policy_dtype
         dtype = getattr(torch, dtype_name)
         bucket_bytes = int(self.config.sync.bucket_mb * 2**20)
@@ -320,8 +318,17 @@ class PolicyTrainer:
             for _ in buckets:
                 pass
             return None
-        write_policy(self.engine.module, self.tokenizer, buckets, len(self._bucket_plan(bucket_bytes, dtype)),
+        write_policy(lora.base_model(self.engine.module), self.tokenizer, buckets, len(self._bucket_plan(bucket_bytes, dtype)),
                      path, dtype_name)
+        return str(Path(path))
+
+    def save_adapter(self, path: str) -> str | None:
+        """LoRA: the adapter alone in PEFT format, float32 (the trained values), one gather."""
+        buckets = self.weight_buckets(2**62, torch.float32, device="cpu", adapter=True)  # one bucket: it is small
+        tensors = {name: t for bucket in buckets for name, t in bucket.items()}
+        if self.rank != 0:
+            return None
+        lora.write_adapter(path, tensors, self.lora, self.config.model.path)
         return str(Path(path))
 
     def save_checkpoint(self, directory: str) -> None:
@@ -511,7 +518,7 @@ class LearnerGroup:
 
     def train_step(self, samples: list[Sample]) -> dict[str, float]:
         per_rank = self.call("train_step", ray.put(samples))
-        metrics = {key: _reduce(key, [r[key] for r in per_rank]) for key in per_rank[0]}
+        metrics = {key: grpo.reduce_metric(key, [r[key] for r in per_rank]) for key in per_rank[0]}
         if metrics.get("nonfinite_forward"):
             raise LearnerError("the policy's forward pass gave a NaN or infinite loss on finite inputs (the weights or "
                                "activations overflowed); lower learner.lr, keep model.learner_dtype=float32, and resume "
@@ -541,6 +548,10 @@ class LearnerGroup:
     def save_policy(self, path: str | os.PathLike, dtype_name: str | None = None) -> str:
         """The policy in Hugging Face format, in ``dtype_name`` (default: ``checkpoint.policy_dtype``)."""
         return self.call("save_policy", str(path), dtype_name)[0]
+
+    def save_adapter(self, path: str | os.PathLike) -> str:
+        """LoRA runs: the adapter in PEFT format."""
+        return self.call("save_adapter", str(path))[0]
 
     def memory(self, reset: bool = False) -> list[dict]:
         """Every rank's ``PolicyTrainer.memory`` (GiB), in rank order."""

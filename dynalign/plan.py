@@ -149,6 +149,24 @@ def learner_rank_memory(config: TrainConfig, world_size: int | None = None, zero
                         learner.zero_stage if zero_stage is None else zero_stage, learner.beta if beta is None else beta)
 
 
+def lora_params(config: TrainConfig) -> int:
+    """Parameters of the ``learner.lora`` adapter (0 without LoRA): rank x (fan-in + fan-out) of each
+    targeted linear layer of each decoder layer (MLP sizes from the config's intermediate_size)."""
+    lora = config.learner.lora
+    if not lora.enabled:
+        return 0
+    from transformers import AutoConfig
+
+    text = AutoConfig.from_pretrained(config_dir(config.model.path),
+                                      trust_remote_code=config.model.trust_remote_code).get_text_config()
+    arch = model_of(config)
+    inner = getattr(text, "intermediate_size", None) or 4 * arch.hidden
+    q, kv, h = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim, arch.hidden
+    sizes = {"q_proj": h + q, "k_proj": h + kv, "v_proj": h + kv, "o_proj": q + h,
+             "gate_proj": h + inner, "up_proj": h + inner, "down_proj": inner + h}
+    return arch.layers * lora.rank * sum(sizes[name] for name in lora.target_modules)
+
+
 def _rank_memory(config: TrainConfig, ranks: int, stage: int, beta: float, checkpointing: bool | None = None,
                  micro_batch: int | None = None) -> dict[str, int]:
     stage = zero_stage_for(stage, ranks)
@@ -156,9 +174,12 @@ def _rank_memory(config: TrainConfig, ranks: int, stage: int, beta: float, check
     # DeepSpeed's ZeRO optimizers keep an fp32 partition of the weights even for fp32 training
     # (stage_1_and_2.py: single_partition_of_fp32_groups; stage3.py: fp32_partitioned_groups_flat).
     p, master = arch.params, 4 if config.model.learner_dtype != "float32" or stage >= 1 else 0
-    memory = {"weights": p * width // (ranks if stage >= 3 else 1),
-              "gradients": p * width // (ranks if stage >= 2 else 1),
-              "optimizer": p * (master + 8) // (ranks if stage >= 1 else 1),
+    # With LoRA only the adapter has gradients and optimizer state; the base weights stay, frozen.
+    adapter = lora_params(config)
+    trained = adapter or p
+    memory = {"weights": (p + adapter) * width // (ranks if stage >= 3 else 1),
+              "gradients": trained * width // (ranks if stage >= 2 else 1),
+              "optimizer": trained * (master + 8) // (ranks if stage >= 1 else 1),
               "reference": p * width // (ranks if stage >= 3 else 1) if beta > 0 else 0,
               "activations": learner_activations(config, arch, checkpointing, micro_batch)}
     # torch's AdamW steps a tensor through two temporaries its size (sqrt, then the bias-corrected
@@ -404,11 +425,13 @@ def plan(config: TrainConfig, gpu_memory_gib: float | None = None, host_memory_g
         zero3 = zero_stage_for(learner.zero_stage, learner.num_ranks) == 3
         load = 0 if zero3 or learner.num_gpus_per_rank == 0 else arch.params * 4
         per_engine = engines[0].parts["weights"] * rollout.tensor_parallel_size if engines else 0
+        if config.learner.lora.enabled:  # only the adapter is staged, in the engines' dtype
+            per_engine = lora_params(config) * DTYPE_BYTES[config.engine_dtype] if engines else 0
         staging = learner.num_ranks * load + len(engines) * per_engine
         loads = ("learner ranks built partitioned (ZeRO-3), no full load" if zero3
                  else f"{learner.num_ranks} learner ranks x {gib(load)} fp32 load, transient")
         detail = (f"{loads}, + {len(engines)} engines "
-                  f"x {gib(per_engine)} weights staged during a sync{' or asleep' if rollout.sleep_while_learning else ''}")
+                  f"x {gib(per_engine)} {'adapter' if config.learner.lora.enabled else 'weights'} staged during a sync{' or asleep' if rollout.sleep_while_learning else ''}")
     checked = host_memory_gib is not None or not on_gpu
     return Plan(arch, rows, gpu, host if checked else None, staging, detail)
 

@@ -55,8 +55,9 @@ def build_tokenizer(vocab_size: int = 320):
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 2):
-    """Random-init Llama: head_dim 64 (2 heads), one KV head, untied embeddings."""
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 2, init_std: float = 0.02):
+    """Random-init Llama: head_dim 64 (2 heads), one KV head, untied embeddings, weights of std
+    ``init_std`` (transformers' default 0.02)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -75,12 +76,14 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: in
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         torch_dtype="float32",
+        initializer_range=init_std,
     )
     return LlamaForCausalLM(config)
 
 
-def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write model + tokenizer to ``path`` atomically (a temp dir renamed into place)."""
+def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = False, init_std: float = 0.02) -> Path:
+    """Write model + tokenizer to ``path`` atomically (a temp dir renamed into place). ``init_std``:
+    see ``build_model`` (the LoRA learning test wants a larger one)."""
     target = Path(path)
     if target.exists():
         if (target / "config.json").is_file():
@@ -93,7 +96,7 @@ def make_tiny_model(path: str | os.PathLike, seed: int = 0, overwrite: bool = Fa
                               "choose a new or empty directory, or give --overwrite")
     with atomic_directory(target) as staging:  # an earlier one is replaced once the new one is whole
         tokenizer = build_tokenizer()
-        model = build_model(tokenizer, seed=seed)
+        model = build_model(tokenizer, seed=seed, init_std=init_std)
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(staging)

@@ -31,6 +31,36 @@ class WeightSyncExtension:
         _repack_cpu_embedding_gemms(self.model_runner.get_model())
         return len(staged)
 
+    def dynalign_apply_staged_adapter(self, peft_config: dict, adapter_id: int) -> int:
+        """The staged tensors are a LoRA adapter (PEFT names): register it as ``adapter_id`` and
+        drop every older version. Built from tensors in memory, not read from a directory, so no
+        filesystem is shared with the learner; requests naming ``adapter_id`` then find it loaded
+        (vLLM's manager only touches an adapter whose id it already holds)."""
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        staged = dict(getattr(self, "_dynalign_staged", None) or [])
+        self._dynalign_staged = []
+        manager = self.model_runner.lora_manager
+        helper = PEFTHelper.from_dict(peft_config)
+        helper.validate_legal(manager.lora_config)
+        model = manager._adapter_manager.model
+        mapper = getattr(model, "hf_to_vllm_mapper", None)
+        adapter = LoRAModel.from_lora_tensors(
+            lora_model_id=adapter_id, tensors=staged, peft_helper=helper, device="cpu",
+            dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(model, "lora_skip_prefixes", None))
+        for old in manager.list_adapters() - {adapter_id}:
+            manager.remove_adapter(old)
+        manager.remove_adapter(adapter_id)  # a restarted sync of the same version replaces it
+        manager._adapter_manager.add_adapter(adapter)
+        manager._adapter_manager.activate_adapter(adapter_id)
+        return len(staged)
+
+    def dynalign_adapter_ids(self) -> list[int]:
+        return sorted(self.model_runner.lora_manager.list_adapters())
+
     def dynalign_weight_checksum(self) -> float:
         """Sum of all parameters (float64): tests use it to see that a sync changed the engine."""
         model = self.model_runner.get_model()

@@ -1,7 +1,9 @@
 """Weight sync: the learner's new weights reach every rollout and judge engine.
 
 ``reload`` (CPU, and any device): rank 0 serialises the full weights (gathered under ZeRO-3) in
-buckets into the object store; each engine stages the buckets and reloads in place.
+buckets into the object store; each engine stages the buckets and reloads in place. With LoRA
+(``learner.lora.rank > 0``) only the adapter travels that way, and each engine loads it from
+memory as a new adapter version, unloading the old one.
 ``nccl`` (GPU): vLLM's native weight-transfer API broadcasts from learner rank 0 to the engines.
 Both time out with the names of the engines that did not finish, instead of hanging.
 """
@@ -94,7 +96,7 @@ class WeightSync:
         for engine, name in zip(self.engines.workers, self.engines.names):
             staged = [engine.stage_weights.remote(bucket) for bucket in exported["buckets"]]
             # Actor calls run in order, so apply runs after every bucket is staged.
-            pending[engine.apply_staged_weights.remote(version)] = (name, staged)
+            pending[self._apply(engine, exported, version)] = (name, staged)
         self._wait(pending, started)
         self.last_export, self.version = exported, version
         seconds = time.perf_counter() - started
@@ -109,7 +111,14 @@ class WeightSync:
             return
         started = time.perf_counter()
         staged = [engine.stage_weights.remote(bucket) for bucket in self.last_export["buckets"]]
-        self._wait({engine.apply_staged_weights.remote(self.version): (name, staged)}, started)
+        self._wait({self._apply(engine, self.last_export, self.version): (name, staged)}, started)
+
+    @staticmethod
+    def _apply(engine, exported: dict, version: int):
+        """Apply what ``engine`` staged: a LoRA adapter (the export carries its PEFT config), or the weights."""
+        if "peft_config" in exported:
+            return engine.apply_staged_adapter.remote(version, exported["peft_config"])
+        return engine.apply_staged_weights.remote(version)
 
     def _wait(self, pending: dict, started: float) -> None:
         deadline = started + self.config.sync.timeout_s

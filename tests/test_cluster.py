@@ -32,7 +32,7 @@ from dynalign.placement import (
 )
 from tests.conftest import REPO
 
-GPU_CONFIGS = ["gpu_1x.yaml", "gpu_8x.yaml", "paper_gpt-oss-20b_2x8.yaml"]
+GPU_CONFIGS = ["gpu_1x.yaml", "gpu_8x.yaml", "paper_gpt-oss-20b_2x8.yaml", "paper_gpt-oss-20b_lora_1x8.yaml"]
 VENV_BIN = Path(sys.executable).parent
 
 

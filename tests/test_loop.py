@@ -94,18 +94,16 @@ def _with_zero_rewards(groups):
     return groups
 
 
-@pytest.mark.xdist_group("rule_learning")  # with pytest -n: the shared run is trained once
-def test_rule_reward_learning_doubles(rule_learning_run):
-    """GRPO learns: with a rule reward and fixed seeds, the last two iterations' mean reward is at
-    least double the first iteration's. Also: ratio 1 on each iteration's first micro-step."""
+def _check_rule_learning(config, summary, what: str) -> list[dict]:
+    """The learning run's metrics, checked: 8 iterations, the last two iterations' mean reward at
+    least double the first's, ratio 1 on each first micro-step, every sync landed."""
     from dynalign.metrics import read_metrics
 
-    config, summary = rule_learning_run
     metrics = read_metrics(config.run_dir)
     rewards = [m["reward_mean"] for m in metrics]
     first, last_two = rewards[0], sum(rewards[-2:]) / 2
-    print(f"rule reward: first iteration {first:.4f}, mean of last two {last_two:.4f} (all: "
-          f"{', '.join(f'{r:.4f}' for r in rewards)})")
+    print(f"{what} rule reward: first iteration {first:.4f}, mean of last two {last_two:.4f} (all: "
+          f"{', '.join(f'{r:.4f}' for r in rewards)}); sync {metrics[-1]['sync_bytes']:.0f} B")
     assert len(metrics) == 8
     assert last_two >= 2 * first > 0
     for m in metrics:
@@ -113,7 +111,31 @@ def test_rule_reward_learning_doubles(rule_learning_run):
         assert m["learner.engine_gap_max_abs"] < 0.05  # every sync landed
         assert m["sync_bytes"] > 0
     assert summary["reward_mean_per_iteration"] == rewards
+    return metrics
+
+
+@pytest.mark.xdist_group("rule_learning")  # with pytest -n: the shared run is trained once
+def test_rule_reward_learning_doubles(rule_learning_run):
+    """GRPO learns: with a rule reward and fixed seeds, the last two iterations' mean reward is at
+    least double the first iteration's. Also: ratio 1 on each iteration's first micro-step."""
+    config, summary = rule_learning_run
+    _check_rule_learning(config, summary, "full fine-tuning")
     assert list((Path(config.run_dir) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_rule_reward_learning_doubles_with_lora(rule_learning_run_lora):
+    """The learning test with a LoRA adapter (rank 16) in place of full fine-tuning: only the adapter
+    moves to the engine each iteration, and the reward still at least doubles. The final policy is
+    saved both ways: the adapter (PEFT) and the merged model (Hugging Face)."""
+    from tests.test_lora import _model_tensors
+
+    config, summary = rule_learning_run_lora
+    metrics = _check_rule_learning(config, summary, "LoRA")
+    itemsize = 4 if config.engine_dtype == "float32" else 2
+    full_bytes = sum(t.numel() for t in _model_tensors(config.model.path)) * itemsize  # a full sync's payload
+    assert all(m["sync_bytes"] < full_bytes / 4 for m in metrics)  # the adapter alone
+    run_dir = Path(config.run_dir)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file() and (run_dir / "policy" / "config.json").is_file()
 
 
 def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, capsys, monkeypatch):

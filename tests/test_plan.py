@@ -11,7 +11,8 @@ from tests.conftest import REPO
 RUN_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 # The GPU each config's header names, in GiB (nvidia-smi totals): the smallest one it claims to fit.
 DOCUMENTED_GPU_GIB = {"gpu_1x.yaml": 22.5,  # L4 / A10G, "24 GB"
-                      "gpu_8x.yaml": 79.6, "paper_gpt-oss-20b_2x8.yaml": 79.6}  # H100 80 GB
+                      "gpu_8x.yaml": 79.6, "paper_gpt-oss-20b_2x8.yaml": 79.6,  # H100 80 GB
+                      "paper_gpt-oss-20b_lora_1x8.yaml": 79.6}
 
 
 def config_for(name: str, tiny_model_path: str, *overrides: str):
@@ -40,6 +41,22 @@ def test_every_config_fits_its_documented_hardware(name, tiny_model_path):
         assert all(row.devices for row in result.rows) and result.host_needed > 0
     else:
         assert all(not row.devices for row in result.rows)
+
+
+def test_lora_ranks_hold_gradients_and_optimizer_state_for_the_adapter_alone():
+    """gpt-oss-20b, rank 16 on q, k, v, o: per layer 16 x ((2880 + 4096) x 2 + (2880 + 512) x 2)
+    parameters, 24 layers: 7,962,624. A rank keeps the frozen base weights (ZeRO-3: its share) and
+    gradients and Adam state for the adapter only; the engines stage only the adapter in a sync."""
+    from dynalign.plan import lora_params
+
+    lora = load_config(REPO / "configs/paper_gpt-oss-20b_lora_1x8.yaml")
+    assert lora_params(lora) == 16 * 24 * ((2880 + 4096) * 2 + (2880 + 512) * 2) == 7_962_624
+    full = load_config(REPO / "configs/paper_gpt-oss-20b_lora_1x8.yaml", ["learner.lora.rank=0"])
+    assert lora_params(full) == 0
+    with_lora, without = learner_rank_memory(lora), learner_rank_memory(full)
+    assert with_lora["weights"] == pytest.approx(without["weights"], rel=1e-3)  # the frozen base stays
+    assert with_lora["gradients"] * 1000 < without["gradients"] and with_lora["optimizer"] * 1000 < without["optimizer"]
+    assert plan(lora, gpu_memory_gib=79.6, host_memory_gib=None).host_needed < 2**30  # an adapter, not 2 x 39 GiB
 
 
 @pytest.mark.parametrize(("path", "expected"), [

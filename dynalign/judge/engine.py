@@ -103,7 +103,9 @@ class JudgeMixin:
                                          seed=seed + i))
             index.append(i)
         if prompts:
-            for i, output in zip(index, self.llm.generate(prompts, params, use_tqdm=False)):
+            # lora_request: a LoRA policy judges with its current adapter (self-rewarding).
+            generated = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
+            for i, output in zip(index, generated):
                 outputs[i] = output.outputs[0].text
         return outputs
 
