@@ -95,7 +95,8 @@ def test_zero3_builds_partitioned_and_saves_streaming(process_group, tiny_model_
     from dynalign.learner import PolicyTrainer
 
     overrides = ("learner.num_ranks=1", "learner.beta=0.1", "learner.lr=5e-2", "learner.micro_batch_size=2",
-                 "data.prompts_per_iteration=2", "rollout.group_size=2", "sync.bucket_mb=0.05")
+                 "data.prompts_per_iteration=2", "rollout.group_size=2", "sync.bucket_mb=0.05",
+                 "learner.adam_betas=[0.8,0.95]")
     results = {}
     for stage in (0, 3):
         config = tiny_config(tiny_model_path, tmp_path / f"run{stage}", *overrides, f"learner.zero_stage={stage}")
@@ -103,6 +104,7 @@ def test_zero3_builds_partitioned_and_saves_streaming(process_group, tiny_model_
         partitioned = [hasattr(p, "ds_tensor") and p.numel() == 0
                        for model in (trainer.engine.module, trainer.reference) for p in model.parameters()]
         assert all(partitioned) if stage == 3 else not any(partitioned)
+        assert all(tuple(group["betas"]) == (0.8, 0.95) for group in trainer.engine.optimizer.param_groups)
         step = trainer.train_step(_samples(trainer.tokenizer, 4))
         assert step["rss_peak_gib_max"] > 0.1 and step["kl_ref"] == 0.0
         path = trainer.save_policy(str(tmp_path / f"policy{stage}"), "float32")
