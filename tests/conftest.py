@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -163,3 +164,23 @@ def pytest_sessionfinish(session, exitstatus):
     if left:
         print(f"\nleftover processes started by the test session ({len(left)}):\n  " + "\n  ".join(left))
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-rank gloo group, set up the way Ray Train sets up each rank's (LOCAL_RANK and all).
+    One per test process, kept to its end: DeepSpeed caches its groups on first use, and a second
+    group after the first was destroyed left it holding an unregistered one (test_lora after
+    test_learner_step in one xdist worker)."""
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()

@@ -6,29 +6,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import socket
 
 import pytest
 import torch
 
 from tests.conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group, set up the way Ray Train sets up each rank's (LOCAL_RANK and all)."""
-    import torch.distributed as dist
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
 
 
 def _samples(tokenizer, count: int) -> list:

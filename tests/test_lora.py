@@ -9,7 +9,7 @@ import torch
 
 from dynalign.config import ConfigError
 from tests.conftest import tiny_config
-from tests.test_learner_step import _samples, process_group  # noqa: F401 (the one-rank gloo group fixture)
+from tests.test_learner_step import _samples
 
 
 def test_rank_zero_is_full_fine_tuning_and_the_default(tiny_model_path, tmp_path):
@@ -46,7 +46,7 @@ def test_unsupported_lora_settings_are_refused_in_one_line(tiny_model_path, tmp_
 
 
 @pytest.mark.slow
-def test_lora_trains_only_the_adapter_on_every_zero_stage(process_group, tiny_model_path, tmp_path):  # noqa: F811
+def test_lora_trains_only_the_adapter_on_every_zero_stage(process_group, tiny_model_path, tmp_path):
     """ZeRO 0 and 3 (a lone rank runs 1 and 2 as 0): the base weights stay frozen and only the
     adapter moves; both stages take the same step; the export holds only the adapter, under PEFT's
     names; the saved adapter (PEFT format) and the merged model (Hugging Face format) give the
