@@ -82,7 +82,7 @@ smoke: install
 	$(BIN)/dynalign train --config configs/smoke.yaml --overwrite
 
 test: install model
-	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) --durations=15 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/pytest -q --timeout=$(TEST_TIMEOUT) --durations=40 -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m benchmarks.run

@@ -75,12 +75,14 @@ def rule_learning_run_lora(ray_local, tiny_model_std01_path, tmp_path_factory):
     Its tiny model has weights of std 0.1, not 0.02: the adapter cannot change the final norm or
     the LM head, so the logits' range is bounded by the head's row norms (0.02 * sqrt(128) = 0.23
     per row), and on the 0.02 model the digit share only went 0.0195 -> 0.037 in 8 iterations
-    (entropy flat at 5.74) whatever the learning rate; a full fine-tune changes the head itself."""
+    (entropy flat at 5.74) whatever the learning rate; a full fine-tune changes the head itself.
+    It checkpoints every 3 iterations, so test_lora's resume test can resume a copy of it."""
     from dynalign.driver import train
 
     config = tiny_config(tiny_model_std01_path, tmp_path_factory.mktemp("rule_learning_lora") / "run", "judge.kind=rule",
                          "iterations=8", "learner.lr=2e-2", "rollout.group_size=8", "data.prompts_per_iteration=8",
-                         "learner.lora.rank=16", "learner.lora.alpha=64")
+                         "learner.lora.rank=16", "learner.lora.alpha=64", "checkpoint.every=3",
+                         "logging.backends=[]")
     return config, train(config)
 
 

@@ -123,6 +123,7 @@ def test_rule_reward_learning_doubles(rule_learning_run):
     assert list((Path(config.run_dir) / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.xdist_group("rule_learning_lora")  # with pytest -n: with test_lora's resume test, one run
 def test_rule_reward_learning_doubles_with_lora(rule_learning_run_lora):
     """The learning test with a LoRA adapter (rank 16) in place of full fine-tuning: only the adapter
     moves to the engine each iteration, and the reward still at least doubles. The final policy is

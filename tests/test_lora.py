@@ -4,6 +4,8 @@ and merged policy loading in transformers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -111,29 +113,47 @@ def _max_gap(model, samples, expected) -> float:
 
 
 @pytest.mark.slow
-def test_adapter_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_path, tmp_path):
-    """Engines start with LoRA enabled; after a step only the adapter moves (through the object
-    store, built in the engine from memory) as a new version, the old one unloaded. After the sync
-    vLLM's sampling log-probs match the learner's within 0.05; with the sync skipped they do not."""
+def test_adapter_sync_reaches_rollout_and_shared_judge(ray_local, tiny_model_std01_path, tmp_path):
+    """One stack (a LoRA-enabled rollout engine, the policy judging on it, two learner ranks):
+    - after a step only the adapter moves (through the object store, built in the engine from
+      memory) as a new version, the old one unloaded, the base weights untouched; vLLM's sampling
+      log-probs then match the learner's within 0.05, and with the sync skipped they do not;
+    - self-rewarding stays self-rewarding: the shared judge scores with the adapter of the last
+      sync. Its scores equal those of a judge engine serving the merged policy the learner saved
+      (which vLLM loads like any model), and differ from the base model's.
+    The std-0.1 tiny model: on the 0.02 one the adapter moved the judge's scores by 0.02 only."""
+    import copy
+
     import ray
 
     from dynalign.data import load_prompts
     from dynalign.driver import absolute_paths, to_samples
+    from dynalign.judge import make_judge
     from dynalign.learner import LearnerGroup
     from dynalign.rollout import RolloutPool
     from dynalign.weight_sync import WeightSync
     from tests.test_loop import _max_logprob_gap, _with_zero_rewards
 
-    config = absolute_paths(tiny_config(tiny_model_path, tmp_path / "run", "judge.kind=rule", "learner.lr=5e-2",
-                                        "data.prompts_per_iteration=4", "rollout.group_size=4", "learner.lora.rank=8",
-                                        "learner.lora.alpha=32"))
+    overrides = ("learner.lr=5e-2", "data.prompts_per_iteration=4", "rollout.group_size=4", "learner.lora.rank=8",
+                 "learner.lora.alpha=32")
+    config = absolute_paths(tiny_config(tiny_model_std01_path, tmp_path / "run", *overrides))
+    assert config.judge.uses_shared_engines and config.judge.mode == "logprob"
     prompts = load_prompts(config)
     rollout = RolloutPool(config)
+    judge = make_judge(config, rollout)
     learner = LearnerGroup(config, tmp_path / "train")
     sync = WeightSync(config, rollout.synced)
     engine = rollout.workers[0]
+    merged_judge = None
     try:
         groups = rollout.generate(prompts.take(4), iteration=0)
+
+        def scores(with_judge) -> list[float]:
+            judged = copy.deepcopy(groups)
+            with_judge.score(judged)
+            return [r for g in judged for r in g.rewards]
+
+        base_scores = scores(judge)
         for group in groups:  # alternate signs: a real, non-zero update regardless of any reward
             group.rewards = [float(j % 2) for j in range(len(group.candidates))]
         samples, _ = to_samples(groups, config)
@@ -158,63 +178,12 @@ def test_adapter_sync_makes_engine_logprobs_match_learner(ray_local, tiny_model_
               f"{stats['sync_seconds']:.3f} s, {stats['sync_bytes']:.0f} B ({config.engine_dtype} engine)")
         assert initial_gap < 0.05 and fresh_gap < 0.05 and final_gap < 0.05
         assert stale_gap > 0.05, "without a sync the engine should still sample from the old adapter"
-        full_bytes = sum(v.numel() for v in _model_tensors(tiny_model_path)) * (4 if config.engine_dtype == "float32" else 2)
+        full_bytes = sum(v.numel() for v in _model_tensors(tiny_model_std01_path)) * (4 if config.engine_dtype == "float32" else 2)
         assert 0 < stats["sync_bytes"] == second["sync_bytes"] < full_bytes / 2
-    finally:
-        learner.shutdown()
-        rollout.shutdown()
 
-
-def _model_tensors(path: str) -> list[torch.Tensor]:
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    return [t for file in Path(path).glob("*.safetensors") for t in load_file(str(file)).values()]
-
-
-@pytest.mark.slow
-def test_shared_judge_scores_with_the_current_adapter(ray_local, tiny_model_std01_path, tmp_path):
-    """Self-rewarding stays self-rewarding: the policy judging on the shared rollout engine scores
-    with the adapter of the last sync. Its scores equal those of a judge engine serving the merged
-    policy the learner saved (which vLLM loads like any model), and differ from the base model's.
-    (The std-0.1 tiny model: on the 0.02 one the adapter moved the judge's scores by 0.02 only.)"""
-    tiny_model_path = tiny_model_std01_path
-    import copy
-
-    from dynalign.data import load_prompts
-    from dynalign.driver import absolute_paths, to_samples
-    from dynalign.judge import make_judge
-    from dynalign.learner import LearnerGroup
-    from dynalign.rollout import RolloutPool
-    from dynalign.weight_sync import WeightSync
-
-    overrides = ("learner.lr=5e-2", "data.prompts_per_iteration=4", "rollout.group_size=4", "learner.lora.rank=8",
-                 "learner.lora.alpha=32")
-    config = absolute_paths(tiny_config(tiny_model_path, tmp_path / "run", *overrides))
-    assert config.judge.uses_shared_engines and config.judge.mode == "logprob"
-    rollout = RolloutPool(config)
-    judge = make_judge(config, rollout)
-    learner = LearnerGroup(config, tmp_path / "train")
-    merged_judge = None
-    try:
-        groups = rollout.generate(load_prompts(config).take(4), iteration=0)
-
-        def scores(with_judge) -> list[float]:
-            judged = copy.deepcopy(groups)
-            with_judge.score(judged)
-            return [r for g in judged for r in g.rewards]
-
-        base_scores = scores(judge)
-        for group in groups:
-            group.rewards = [float(j % 2) for j in range(len(group.candidates))]
-        samples, _ = to_samples(groups, config)
-        for _ in range(2):
-            learner.train_step(samples)
-        WeightSync(config, rollout.synced).sync(learner, version=1)
         adapter_scores = scores(judge)
         learner.save_policy(tmp_path / "merged", "float32")
-        merged_config = absolute_paths(tiny_config(tiny_model_path, tmp_path / "run2", *overrides,
+        merged_config = absolute_paths(tiny_config(tiny_model_std01_path, tmp_path / "run2", *overrides,
                                                    "judge.kind=external_vllm", f"judge.model_path={tmp_path / 'merged'}"))
         merged_judge = make_judge(merged_config)
         merged_scores = scores(merged_judge)
@@ -230,31 +199,45 @@ def test_shared_judge_scores_with_the_current_adapter(ray_local, tiny_model_std0
         rollout.shutdown()
 
 
+def _model_tensors(path: str) -> list[torch.Tensor]:
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    return [t for file in Path(path).glob("*.safetensors") for t in load_file(str(file)).values()]
+
+
 @pytest.mark.slow
-def test_lora_resume_is_exact(ray_local, tiny_model_path, tmp_path):
+@pytest.mark.xdist_group("rule_learning_lora")  # with pytest -n: with test_loop's LoRA learning test, one run
+def test_lora_resume_is_exact(rule_learning_run_lora, tmp_path):
     """A LoRA run's checkpoints hold the adapter (PEFT format; the DeepSpeed state holds it and its
-    optimizer state), not a merged model. Stopped after two iterations and resumed, the run ends
-    with the very adapter and rewards of a run that was not stopped."""
+    optimizer state), not a merged model. A copy of the shared learning run resumed from its
+    iteration-5 checkpoint replays the last two iterations (the metrics log cut back to the
+    checkpoint) and ends with the very adapter and rewards of the run that was not stopped."""
+    import shutil
+    from pathlib import Path
+
     from safetensors.torch import load_file
 
     from dynalign.driver import train
     from dynalign.metrics import read_metrics
 
-    common = ("judge.kind=rule", "learner.lr=5e-2", "learner.lora.rank=8", "learner.lora.alpha=32",
-              "data.prompts_per_iteration=4", "rollout.group_size=4", "logging.backends=[]", "checkpoint.every=1")
-    straight = tiny_config(tiny_model_path, tmp_path / "straight", *common, "iterations=3")
-    train(straight)
-    train(tiny_config(tiny_model_path, tmp_path / "split", *common, "iterations=2"))
-    checkpoint = tmp_path / "split" / "checkpoints" / "iter_000001"
+    config, _ = rule_learning_run_lora
+    straight = Path(config.run_dir)
+    split = tmp_path / "split"
+    # Not the final policy and adapter (the resumed run writes its own), nor Ray Train's storage.
+    shutil.copytree(straight, split, symlinks=True,
+                    ignore=lambda where, names: {"ray_train", "policy", "adapter"} & set(names) if where == str(straight) else ())
+    assert not (split / "adapter").exists()
+    checkpoint = split / "checkpoints" / "iter_000005"
     assert (checkpoint / "adapter" / "adapter_model.safetensors").is_file() and not (checkpoint / "policy").exists()
-    resumed = tiny_config(tiny_model_path, tmp_path / "split", *common, "iterations=3")
-    train(resumed, resume="latest")
-    rewards = {name: [m["reward_mean"] for m in read_metrics(tmp_path / name)] for name in ("straight", "split")}
-    adapters = {name: load_file(str(tmp_path / name / "adapter" / "adapter_model.safetensors"))
-                for name in ("straight", "split")}
+    train(dataclasses.replace(config, run_dir=str(split)), resume=str(checkpoint))
+    rewards = {name: [m["reward_mean"] for m in read_metrics(path)] for name, path in (("straight", straight), ("split", split))}
+    adapters = {name: load_file(str(path / "adapter" / "adapter_model.safetensors"))
+                for name, path in (("straight", straight), ("split", split))}
     moved = max(float(t.abs().max()) for name, t in adapters["straight"].items() if "lora_B" in name)
     print(f"LoRA resume: rewards {rewards}; largest |lora_B| {moved:.4f}")
-    assert rewards["split"] == rewards["straight"] and len(rewards["straight"]) == 3
+    assert rewards["split"] == rewards["straight"] and len(rewards["straight"]) == config.iterations
     assert moved > 0 and adapters["split"].keys() == adapters["straight"].keys()
     for name, tensor in adapters["straight"].items():
         assert torch.equal(adapters["split"][name], tensor), name
