@@ -63,14 +63,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max_rounds: int = 0) -> dict:
     """Generate rounds until ``num_prompts`` prompts are kept in ``out``; returns a summary."""
-    from tqdm import tqdm
-
     from dynalign.data import load_prompts
     from dynalign.data_report import data_report
     from dynalign.driver import absolute_paths
-    from dynalign.generators import start_generators
     from dynalign.model_fetch import check_model_dir
-    from dynalign.prompt_gen import PromptGenerator, load_spec, policy_token_counter
+    from dynalign.prompt_gen import load_spec
     from dynalign.prompt_store import PromptStore
 
     config = absolute_paths(config)
@@ -87,6 +84,27 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
     store = PromptStore(out / "prompts")
     per_round = config.generation.requests_per_iteration * config.generation.prompts_per_request
     max_rounds = max_rounds or 4 * math.ceil(num_prompts / per_round)
+
+    kept, rounds = len(store.load()), 0
+    if kept < num_prompts:  # a repeated call on a complete dataset starts no engine
+        kept, rounds = _generate_rounds(config, store, out, seeds, kept, num_prompts, max_rounds, needs_policy)
+    if kept < num_prompts:
+        raise ConfigError(f"generate --num-prompts {num_prompts}: only {kept} prompts passed the filters in "
+                          f"{rounds} round(s) (--max-rounds {max_rounds}); raise --max-rounds, or loosen "
+                          f"generation.novelty_threshold / min_words / max_words (kept so far: {out / 'prompts'})")
+    path = write_dataset(store, out / DATASET, num_prompts)
+    report = data_report(out, None)
+    return {"prompts": num_prompts, "path": str(path), "rounds": rounds, "report": report}
+
+
+def _generate_rounds(config: TrainConfig, store, out: Path, seeds, kept: int, num_prompts: int, max_rounds: int,
+                     needs_policy: bool) -> tuple[int, int]:
+    """Start the generators and run rounds until ``num_prompts`` are kept (or ``max_rounds``);
+    returns (prompts kept, rounds run)."""
+    from tqdm import tqdm
+
+    from dynalign.generators import start_generators
+    from dynalign.prompt_gen import PromptGenerator, policy_token_counter
 
     ray_started = False
     rollout = None
@@ -106,7 +124,6 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
                                     count_tokens=policy_token_counter(config) if needs_policy else None)
         generators = []  # the PromptGenerator closes them now
         try:
-            kept = len(store.load())
             first = max(store.iterations(), default=-1) + 1
             rounds = 0
             progress = tqdm(total=num_prompts, initial=min(kept, num_prompts), desc="prompts kept",
@@ -128,13 +145,7 @@ def generate_dataset(config: TrainConfig, num_prompts: int, out: str | Path, max
             import ray
 
             ray.shutdown()
-    if kept < num_prompts:
-        raise ConfigError(f"generate --num-prompts {num_prompts}: only {kept} prompts passed the filters in "
-                          f"{rounds} round(s) (--max-rounds {max_rounds}); raise --max-rounds, or loosen "
-                          f"generation.novelty_threshold / min_words / max_words (kept so far: {out / 'prompts'})")
-    path = write_dataset(store, out / DATASET, num_prompts)
-    report = data_report(out, None)
-    return {"prompts": num_prompts, "path": str(path), "rounds": rounds, "report": report}
+    return kept, rounds
 
 
 def write_dataset(store, path: Path, count: int) -> Path:

@@ -616,11 +616,12 @@ def test_data_report_without_prompts_is_one_line_error(tmp_path, capsys):
 # --- real stack: the tiny model through vLLM ----------------------------------------------------------
 
 @pytest.mark.slow
-def test_generate_command_with_rollout_engines_and_a_separate_vllm_engine(ray_local, tiny_model_path, tmp_path, capsys):
+def test_generate_command_with_rollout_engines_and_a_separate_vllm_engine(ray_local, tiny_model_path, tmp_path, capsys,
+                                                                          monkeypatch):
     """`dynalign generate` with two generator agents: the policy's rollout engines writing as a
     persona, and a separate vLLM engine (another model directory). The tiny model writes
     gibberish; parsing, filtering, storage, the dataset and the report are real. A repeated call
-    finds the dataset complete and generates nothing."""
+    finds the dataset complete and generates nothing, without starting an engine."""
     from dynalign.cli import main
     from dynalign.data import load_prompts
 
@@ -660,7 +661,11 @@ def test_generate_command_with_rollout_engines_and_a_separate_vllm_engine(ray_lo
     assert summary["overall"]["kept"] == kept_total
     assert (out / "data_report" / "overview.png").read_bytes()[:8] == PNG_MAGIC
 
-    assert main(argv) == 0  # complete already: no engine call, same dataset
+    def no_engine(*args, **kwargs):
+        raise AssertionError("a complete dataset needs no engine")
+    monkeypatch.setattr("dynalign.rollout.RolloutPool", no_engine)
+    monkeypatch.setattr("dynalign.generators.start_generators", no_engine)
+    assert main(argv) == 0  # complete already: no engine started, same dataset
     assert "after 0 round(s)" in capsys.readouterr().out
     assert store.iterations() == rounds
 
