@@ -151,6 +151,22 @@ def pytest_collection_modifyitems(config, items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable
+    _tag_xdist_groups(config, items)
+
+
+def _tag_xdist_groups(config, items) -> None:
+    """With `--dist loadgroup`, send each xdist_group's tests to one worker, so that what they share
+    starts once. pytest-xdist 3.8 tags them by rewriting ``item._nodeid``, which pytest 9.2 no
+    longer reads (a node keeps a structured ``_id``): every group was silently split across the
+    workers, and each shared run, cluster and server started once per worker."""
+    if not getattr(config.option, "loadgroup", False):  # set in the workers of `--dist loadgroup`
+        return
+    for item in items:
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                        for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix) and hasattr(item, "_id"):
+            item._id = type(item._id).parse(item.nodeid + suffix)
 
 
 def pytest_sessionfinish(session, exitstatus):
