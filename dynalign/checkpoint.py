@@ -3,8 +3,9 @@
 Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
 scheduler), ``policy/`` (Hugging Face format, in ``checkpoint.policy_dtype``; with LoRA
 ``adapter/`` instead, in PEFT format), ``state.json`` (iteration, prompt stream position,
-judge call counter; every other random choice is seeded from the seed and the iteration)
-and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
+judge call counter; every other random choice is seeded from the seed and the iteration),
+with ``rollout.max_staleness >= 1`` ``rollouts_ahead.jsonl`` (the next iteration's groups, already
+generated and judged) and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
 file's size and sha256, checked before a resume starts anything). The directory is written under
 a temporary name and renamed into place, so a crash or a full disk never leaves a half-written
 checkpoint, and the previous one stays intact.

@@ -5,6 +5,9 @@
     3. judge     -> the policy, as judge, scores every candidate (judge actors)
     4. learn     -> GRPO on group-relative advantages (DeepSpeed ranks under Ray Train)
     5. sync      -> the new weights reach every rollout and judge engine
+
+With ``rollout.max_staleness >= 1`` steps 1-3 of the next iteration run on the engines during
+step 4 (dynalign/overlap.py; docs/architecture.md, "Off-policy overlap").
 """
 
 from __future__ import annotations
