@@ -50,7 +50,7 @@ WARMUP = 2
 PHASES = ("rollouts", "prompts", "generate", "judge", "learn", "ahead_wait", "sync")
 # A batch where generate + judge ~ learn on the 2-core machine (tiny model, one thread each).
 BATCH = ("data.prompts_per_iteration=8", "rollout.group_size=8", "rollout.max_new_tokens=48",
-         "learner.micro_batch_size=8", "rollout.max_model_len=512")
+         "learner.micro_batch_size=8")
 ROLES = {"RolloutWorker": 0, "RayTrainWorker": 1, "TrainWorker": 1}  # process title class -> core
 
 

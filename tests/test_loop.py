@@ -142,7 +142,7 @@ def test_rule_reward_learning_doubles_one_step_off(rule_learning_run_stale):
           "; IS weight mean/min: " + ", ".join(f"{m['learner.is_weight_mean']:.3f}/{m['learner.is_weight_min']:.3f}"
                                                 for m in metrics))
     assert max(gaps[1:]) > 2 * gaps[0]  # one version old: the IS correction has something to correct
-    assert all(m["time.generate"] > 0 and m["time.judge"] > 0 for m in metrics)
+    assert all("time.generate" in m and "time.judge" in m for m in metrics)  # timed where they ran: ahead
 
 
 @pytest.mark.xdist_group("rule_learning_stale")
