@@ -41,6 +41,7 @@ from benchmarks.common import (
     check,
     figure,
     init_ray,
+    ray_role,
     series,
     tiny_model_path,
 )
@@ -53,7 +54,7 @@ PHASES = ("rollouts", "prompts", "generate", "judge", "learn", "ahead_wait", "sy
 # the KL term to a reference model (beta > 0) adds its forward pass to the learner's share.
 BATCH = ("data.prompts_per_iteration=8", "rollout.group_size=8", "rollout.max_new_tokens=32",
          "learner.micro_batch_size=2", "learner.beta=0.04")
-ROLES = {"RolloutWorker": 0, "RayTrainWorker": 1, "TrainWorker": 1}  # process title class -> core
+ROLES = {"rollout": 0, "learner": 1}  # role (common.ray_role of a process title) -> core
 
 
 class CorePinner:
@@ -79,8 +80,7 @@ class CorePinner:
 
         while not self._stop.is_set():
             for proc in psutil.Process().children(recursive=True):
-                title = _title(proc)
-                name = title[5:].split(".", 1)[0].split(" ", 1)[0] if title.startswith("ray::") else None
+                name = ray_role(_title(proc))
                 if name not in self.cores:
                     continue
                 try:
@@ -161,7 +161,7 @@ def run(quick: bool = False) -> dict:
               all(r["version.judge_mismatch"] == 0 and r["version.judge_min"] == r["version.generation_min"]
                   for rs in runs.values() for r in rs), ""),
         check("both runs pinned the engine and the learner rank to their cores",
-              {"RolloutWorker"} <= set(pinner.pinned) and bool({"RayTrainWorker", "TrainWorker"} & set(pinner.pinned)),
+              set(pinner.pinned) == set(ROLES),
               ", ".join(sorted(pinner.pinned))),
     ]
     details = {

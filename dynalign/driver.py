@@ -214,7 +214,8 @@ def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: Prom
     # produced ahead (max_staleness >= 1): the prompts and judge calls they took are counted in it.
     state = {"prompts": prompts.state(), "judge_calls": system.judge.calls}
     path = checkpoint.save(run_dir, iteration, system.learner, state, config.checkpoint.keep_last,
-                           adapter=config.learner.lora.enabled, records={AHEAD_FILE: rollouts.state()})
+                           adapter=config.learner.lora.enabled,
+                           records={AHEAD_FILE: ahead} if (ahead := rollouts.state()) else {})
     system.learner.report_checkpoint(path, iteration)
 
 
