@@ -25,7 +25,10 @@ class Candidate:
 
 @dataclass
 class Group:
-    """A prompt and its G candidates; the judge fills ``rewards`` (NaN = invalid judgement)."""
+    """A prompt and its G candidates; the judge fills ``rewards`` (NaN = invalid judgement).
+    ``generation_version``: the weight version (syncs so far) of the engine that sampled them;
+    ``judge_version``: that of the engine that judged them (None: no policy weights judged, as
+    with the rule or an external judge)."""
 
     prompt_id: str
     prompt: str
@@ -33,6 +36,8 @@ class Group:
     candidates: list[Candidate]
     rewards: list[float] = field(default_factory=list)
     judge_info: dict = field(default_factory=dict)
+    generation_version: int = 0
+    judge_version: int | None = None
 
 
 @dataclass

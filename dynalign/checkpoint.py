@@ -3,8 +3,9 @@
 Layout: ``run_dir/checkpoints/iter_000003/`` holds ``learner/`` (DeepSpeed: model, optimizer,
 scheduler), ``policy/`` (Hugging Face format, in ``checkpoint.policy_dtype``; with LoRA
 ``adapter/`` instead, in PEFT format), ``state.json`` (iteration, prompt stream position,
-judge call counter; every other random choice is seeded from the seed and the iteration)
-and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
+judge call counter; every other random choice is seeded from the seed and the iteration),
+with ``rollout.max_staleness >= 1`` ``rollouts_ahead.jsonl`` (the next iteration's groups, already
+generated and judged) and ``manifest.json`` (written last: a directory without it is not a checkpoint; it records each
 file's size and sha256, checked before a resume starts anything). The directory is written under
 a temporary name and renamed into place, so a crash or a full disk never leaves a half-written
 checkpoint, and the previous one stays intact.
@@ -21,7 +22,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
-from dynalign.files import atomic_directory, atomic_write_text, fsync_directory
+from dynalign.files import atomic_directory, atomic_write_text, fsync_directory, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +34,11 @@ def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: int, adapter: bool = False) -> Path:
+def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: int, adapter: bool = False,
+         records: dict[str, list] | None = None) -> Path:
     """Write the checkpoint of a completed ``iteration``; returns its directory. ``adapter``: a LoRA
-    run, whose checkpoint keeps the adapter, not a merged copy of the whole model."""
+    run, whose checkpoint keeps the adapter, not a merged copy of the whole model. ``records``:
+    JSON-lines files to keep with it, by name (the groups produced ahead)."""
     root = checkpoint_root(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{iteration:06d}"
@@ -49,6 +52,8 @@ def save(run_dir: str | Path, iteration: int, learner, state: dict, keep_last: i
         else:
             learner.save_policy(staging / "policy")  # checkpoint.policy_dtype; learner/ keeps the float32 master weights
         write_json(staging / "state.json", {**state, "iteration": iteration})
+        for name, rows in (records or {}).items():
+            write_jsonl(staging / name, rows)
         files = {str(p.relative_to(staging)): file_record(p) for p in sorted(staging.rglob("*")) if p.is_file()}
         write_json(staging / MANIFEST, {"iteration": iteration, "created": time.time(), "files": files})
         if final.exists():

@@ -63,6 +63,7 @@ class RolloutConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = opt("PACK", "How Ray places rollout engines across nodes (one engine's tensor-parallel bundles always share a node).")
     resources: dict = opt({}, "Extra custom Ray resources per rollout bundle, e.g. {rollout_node: 1} to pin engines to nodes started with that resource.")
     sleep_while_learning: bool = opt(False, "GPU only: put every engine to sleep (vLLM sleep mode level 1: weights to host memory, KV cache freed) while the learner steps, so roles can share GPUs.")
+    max_staleness: int = opt(0, "Off-policy overlap: 0 generates and judges each iteration's groups before its learner step (synchronous); >= 1 generates and judges the next iteration's on the engines while the learner steps (one step off), and a group from weights more than this many versions behind the learner is dropped and regenerated.", min=0)
 
 
 @dataclass
@@ -358,6 +359,10 @@ def check_resource_shapes(config: TrainConfig) -> None:
                 raise ConfigError(f"{key} = {value:g} with rollout.tensor_parallel_size = "
                                   f"{config.rollout.tensor_parallel_size} (from the config): GPUs are per "
                                   "tensor-parallel rank, at most 1 each (an engine takes tensor_parallel_size of them)")
+    if config.rollout.sleep_while_learning and config.rollout.max_staleness > 0:
+        raise ConfigError(f"rollout.max_staleness = {config.rollout.max_staleness} (from the config) generates while the "
+                          "learner steps, but rollout.sleep_while_learning puts the engines to sleep then; set "
+                          "rollout.max_staleness=0 or rollout.sleep_while_learning=false")
     if config.rollout.sleep_while_learning and config.rollout.num_gpus_per_worker == 0:
         raise ConfigError("rollout.sleep_while_learning = true (from the config) needs GPU engines (vLLM sleep mode "
                           "is GPU-only); set rollout.num_gpus_per_worker > 0 or turn it off")

@@ -5,11 +5,15 @@
     3. judge     -> the policy, as judge, scores every candidate (judge actors)
     4. learn     -> GRPO on group-relative advantages (DeepSpeed ranks under Ray Train)
     5. sync      -> the new weights reach every rollout and judge engine
+
+With ``rollout.max_staleness >= 1`` steps 1-3 of the next iteration run on the engines during
+step 4 (dynalign/overlap.py; docs/architecture.md, "Off-policy overlap").
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -32,8 +36,9 @@ from dynalign.judge import Judge, judge_metrics, log_score_histogram, make_judge
 from dynalign.learner import LearnerGroup, LearnerRestarted
 from dynalign.metrics import MetricsLogger, Timings, read_metrics
 from dynalign.model_fetch import check_model_dir
+from dynalign.overlap import AHEAD_FILE, RolloutsAhead, ScoredRollouts
 from dynalign.placement import init_ray, link_ray_logs
-from dynalign.prompt_gen import PromptSource
+from dynalign.prompt_gen import FreshFirst, PromptSource
 from dynalign.report import write_report_safely
 from dynalign.rollout import RolloutPool
 from dynalign.value import check_value_spec
@@ -122,23 +127,27 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     stop = GracefulStop()
     history: dict[int, dict] = {}
     source = PromptSource(config, prompts)
-    logger = None
+    logger = rollouts = None
     try:
         source = PromptSource.start(config, prompts, system.rollout, run_dir)  # the prompts file, or generation
-        iteration = restore(system, source, resume_from, run_dir, history) if resume_from else 0
+        rollouts = RolloutsAhead(functools.partial(generate_and_judge, system, source, config),
+                                 config.rollout.max_staleness)
+        iteration = restore(system, source, rollouts, resume_from, run_dir, history) if resume_from else 0
         logger = MetricsLogger(run_dir, config)  # metrics.jsonl and logging.backends' trackers
         progress = tqdm(total=config.iterations, initial=iteration, desc="iterations", disable=not config.logging.progress)
         while iteration < config.iterations:
             try:
-                groups, metrics = run_iteration(system, source, config, iteration)  # steps 1-5
+                groups, metrics = run_iteration(system, rollouts, config, iteration)  # steps 1-5
                 history[iteration] = metrics
                 logger.log(iteration, metrics)
                 log_score_histogram(logger.writer, groups, iteration)
                 log_iteration_data(run_dir, iteration, groups, config.logging.log_samples)
                 if stop.requested or due(config.checkpoint.every, iteration, config.iterations):
-                    save_checkpoint(system, run_dir, iteration, prompts, config)
+                    save_checkpoint(system, run_dir, iteration, prompts, config, rollouts)
             except LearnerRestarted as restart:  # a rank died; Ray Train restarted the learner group
-                iteration = replay_from_learner_checkpoint(system, source, run_dir, history, fresh_prompt_state, restart)
+                rollouts.discard()  # groups produced ahead for an iteration that is replayed
+                iteration = replay_from_learner_checkpoint(system, source, rollouts, run_dir, history,
+                                                           fresh_prompt_state, restart)
                 progress.n = iteration
                 continue
             iteration += 1
@@ -154,6 +163,8 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     finally:
         if logger is not None:
             logger.close()
+        if rollouts is not None:
+            rollouts.close()
         stop.restore()
         source.close()
         system.shutdown()
@@ -165,43 +176,61 @@ def train(config: TrainConfig, resume: str | None = None, overwrite: bool = Fals
     return summary
 
 
-def run_iteration(system: System, source: PromptSource, config: TrainConfig, iteration: int) -> tuple[list[Group], dict]:
+def run_iteration(system: System, rollouts: RolloutsAhead, config: TrainConfig, iteration: int) -> tuple[list[Group], dict]:
     """One Dynamic Alignment iteration; returns the groups trained on and the iteration's metrics."""
     timings = Timings()
-    with timings("prompts"):
-        iteration_prompts, prompt_stats = source.for_iteration(iteration)                            # 1
-    groups, data_stats = sample_scored_groups(system, iteration_prompts, config, iteration, timings)  # 2-3
+    with timings("rollouts"):  # 1-3 now, or only what is left of them when produced ahead (max_staleness >= 1)
+        scored = rollouts.get(iteration)                                                              # 1-3
     with timings("learn"):
-        samples, advantage_stats = to_samples(groups, config)
-        learn_stats = system.train_step(samples)                                                     # 4
+        samples, advantage_stats = to_samples(scored.groups, config)
+        if iteration + 1 < config.iterations:
+            rollouts.start(iteration + 1)  # max_staleness >= 1: the engines produce the next groups meanwhile
+        learn_stats = system.train_step(samples)                                                      # 4
+    with timings("ahead_wait"):
+        rollouts.finish()  # the engines finish the next iteration's groups before their weights change
     with timings("sync"):
-        sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)                  # 5
-    return groups, {**prefixed("prompts", prompt_stats), **data_stats, **prefixed("adv", advantage_stats),
-                    **prefixed("learner", learn_stats), **sync_stats, **timings.summary()}
+        sync_stats = system.weight_sync.sync(system.learner, version=iteration + 1)                   # 5
+    return scored.groups, {**scored.stats, **prefixed("adv", advantage_stats), **prefixed("learner", learn_stats),
+                           **sync_stats, **timings.summary()}
 
 
-def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, config: TrainConfig) -> None:
+def generate_and_judge(system: System, source: PromptSource, config: TrainConfig, iteration: int,
+                       prompts: list[tuple[str, str]] | None = None) -> ScoredRollouts:
+    """Steps 1-3 of ``iteration``: its prompts (or ``prompts``, dropped groups' to generate again),
+    the candidates the engines sample and the judge's rewards, with their metrics."""
+    timings = Timings()
+    with timings("prompts"):
+        stream, prompt_stats = source.for_iteration(iteration) if prompts is None else (FreshFirst(prompts, source.fallback), {})
+    groups, data_stats = sample_scored_groups(system, stream, config, iteration, timings)
+    return ScoredRollouts(iteration, groups, {**prefixed("prompts", prompt_stats), **data_stats, **timings.phases()})
+
+
+def save_checkpoint(system: System, run_dir: Path, iteration: int, prompts: PromptStream, config: TrainConfig,
+                    rollouts: RolloutsAhead) -> None:
     """Write the checkpoint of a completed iteration, then register it with Ray Train, so that a
     learner group it restarts starts from there."""
     # Every other random choice is seeded from (seed, iteration); the judge's call counter seeds its
-    # sampling (judge.mode=generate), so it is part of the exact-resume state.
+    # sampling (judge.mode=generate), so it is part of the exact-resume state. So are the groups
+    # produced ahead (max_staleness >= 1): the prompts and judge calls they took are counted in it.
     state = {"prompts": prompts.state(), "judge_calls": system.judge.calls}
     path = checkpoint.save(run_dir, iteration, system.learner, state, config.checkpoint.keep_last,
-                           adapter=config.learner.lora.enabled)
+                           adapter=config.learner.lora.enabled,
+                           records={AHEAD_FILE: ahead} if (ahead := rollouts.state()) else {})
     system.learner.report_checkpoint(path, iteration)
 
 
-def restore(system: System, source: PromptSource, checkpoint_dir: Path, run_dir: Path, history: dict) -> int:
+def restore(system: System, source: PromptSource, rollouts: RolloutsAhead, checkpoint_dir: Path, run_dir: Path,
+            history: dict) -> int:
     """Continue from a checkpoint (``--resume``): learner state, engine weights, prompt order,
-    logs and the metrics so far. Returns the first iteration still to run."""
+    groups produced ahead, logs and the metrics so far. Returns the first iteration still to run."""
     state = checkpoint.load_state(checkpoint_dir)
     system.learner.load_checkpoint(checkpoint_dir / "learner")
     system.learner.report_checkpoint(checkpoint_dir, state["iteration"])
-    return rewind(system, source, state, run_dir, history)
+    return rewind(system, source, rollouts, state, checkpoint_dir, run_dir, history)
 
 
-def replay_from_learner_checkpoint(system: System, source: PromptSource, run_dir: Path, history: dict,
-                                   fresh_prompt_state: dict, restart: Exception) -> int:
+def replay_from_learner_checkpoint(system: System, source: PromptSource, rollouts: RolloutsAhead, run_dir: Path,
+                                   history: dict, fresh_prompt_state: dict, restart: Exception) -> int:
     """Ray Train restarted the learner group from the checkpoint last registered with it (or from
     the initial weights if none was). Put the driver's side back to the same point, so the lost
     iterations are replayed exactly; returns the first iteration to run again."""
@@ -210,7 +239,8 @@ def replay_from_learner_checkpoint(system: System, source: PromptSource, run_dir
             restored = system.learner.acknowledge_restart()
             state = (checkpoint.load_state(Path(restored["path"])) if restored
                      else {"iteration": -1, "prompts": fresh_prompt_state, "judge_calls": 0})
-            next_iteration = rewind(system, source, state, run_dir, history)
+            next_iteration = rewind(system, source, rollouts, state, Path(restored["path"]) if restored else None,
+                                    run_dir, history)
             break
         except LearnerRestarted as again:  # it died again while coming back; Ray Train bounds the retries
             restart = again
@@ -219,11 +249,16 @@ def replay_from_learner_checkpoint(system: System, source: PromptSource, run_dir
     return next_iteration
 
 
-def rewind(system: System, source: PromptSource, state: dict, run_dir: Path, history: dict) -> int:
-    """Engines, prompts (stream position, generated pool), logs and ``history`` back to the end of
-    ``state["iteration"]``, where the learner is. Returns the first iteration to run."""
+def rewind(system: System, source: PromptSource, rollouts: RolloutsAhead, state: dict, checkpoint_dir: Path | None,
+           run_dir: Path, history: dict) -> int:
+    """Engines, prompts (stream position, generated pool), groups produced ahead, logs and
+    ``history`` back to the end of ``state["iteration"]`` (``checkpoint_dir``'s; None: before the
+    first), where the learner is. Returns the first iteration to run."""
     system.weight_sync.sync(system.learner, version=state["iteration"] + 1)
-    source.rewind(state["iteration"], state["prompts"])
+    ahead = read_jsonl(checkpoint_dir / AHEAD_FILE, missing_ok=True) if checkpoint_dir else []
+    rollouts.restore(ahead)
+    # Groups produced ahead used the next iteration's generated prompts: the pool keeps them.
+    source.rewind(state["iteration"] + (1 if ahead else 0), state["prompts"])
     system.judge.calls = state.get("judge_calls", 0)
     for name in ("metrics.jsonl", "prompt_ids.jsonl", "samples.jsonl"):
         truncate_jsonl(run_dir / name, last_iteration=state["iteration"])
@@ -323,7 +358,9 @@ def log_iteration_data(run_dir: Path, iteration: int, groups: list[Group], count
     """Which prompts the iteration trained on, and a few of its candidates with their rewards."""
     append_jsonl(run_dir / "prompt_ids.jsonl", {"iteration": iteration, "prompt_ids": [g.prompt_id for g in groups]})
     append_jsonl(run_dir / "samples.jsonl", *({"iteration": iteration, "prompt_id": group.prompt_id,
-                                               "prompt": group.prompt, "answer": candidate.text, "reward": reward}
+                                               "prompt": group.prompt, "answer": candidate.text, "reward": reward,
+                                               "generation_version": group.generation_version,
+                                               "judge_version": group.judge_version}
                                               for group in groups[:count]
                                               for candidate, reward in zip(group.candidates[:2], group.rewards[:2])))
 

@@ -225,6 +225,10 @@ class EngineWorker:
         self.weight_version = version
         return loaded
 
+    def set_weight_version(self, version: int) -> None:
+        """The NCCL sync updates the weights through vLLM's own API; it records the version here."""
+        self.weight_version = version
+
     def adapter_ids(self) -> list[int]:
         """The LoRA adapter ids the engine holds (tests: old versions are unloaded)."""
         return self.llm.collective_rpc("dynalign_adapter_ids")[0]

@@ -196,9 +196,12 @@ class Timings:
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
+    def phases(self) -> dict[str, float]:
+        return {f"time.{k}": v for k, v in self.seconds.items()}
+
     def summary(self) -> dict[str, float]:
         total = time.perf_counter() - self.started
-        out = {f"time.{k}": v for k, v in self.seconds.items()}
+        out = self.phases()
         out["time.total"] = total
         out["time.other"] = max(0.0, total - sum(self.seconds.values()))
         return out

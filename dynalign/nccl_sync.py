@@ -244,8 +244,10 @@ class NcclWeightSync:
     PolicyTrainer method on every rank). ``submit`` sends a worker method to one engine and returns
     a future (default: the Ray actor's ``collective_rpc``)."""
 
-    def __init__(self, config: TrainConfig, engines: list, engine_names: list[str], submit: Submit | None = None):
-        self.config = config
+    def __init__(self, config: TrainConfig, engines: list, engine_names: list[str], submit: Submit | None = None,
+                 after_sync: Callable[[int], None] | None = None):
+        """``after_sync(version)`` runs after each transfer (WeightSync: record the version on the engines)."""
+        self.config, self.after_sync = config, after_sync
         self.engines, self.engine_names = list(engines), list(engine_names)
         self.submit = submit or ray_submit
         self.timeout_s = config.sync.timeout_s
@@ -278,6 +280,8 @@ class NcclWeightSync:
             if isinstance(err, WeightSyncError):
                 raise
             raise WeightSyncError(f"NCCL weight sync failed: {err}") from err
+        if self.after_sync is not None:
+            self.after_sync(version)
         # Every worker receives the whole payload (tensor-parallel workers too).
         moved = sent["bytes"] * (self.layout.world_size - 1)
         return {"sync_seconds": seconds, "sync_setup_seconds": setup_seconds, "sync_send_seconds": sent["seconds"],

@@ -27,7 +27,8 @@ class RolloutWorker(JudgeMixin, EngineWorker):  # JudgeMixin: judge.engine=share
                 )
                 for choice in output.outputs
             ]
-            groups.append(Group(prompt_id=prompt_id, prompt=text, prompt_token_ids=ids, candidates=candidates))
+            groups.append(Group(prompt_id=prompt_id, prompt=text, prompt_token_ids=ids, candidates=candidates,
+                                generation_version=self.weight_version))
         return groups
 
 

@@ -81,7 +81,7 @@ class WeightSync:
         self.last_export, self.version = None, 0  # what a restarted engine must get back
         if self.backend == "nccl":
             # Same contract, other transport: these instance attributes stand in for the methods below.
-            nccl = NcclWeightSync(config, engines.workers, engines.names)
+            nccl = NcclWeightSync(config, engines.workers, engines.names, after_sync=self._record_version)
             self.sync, self.restore = nccl.sync, nccl.restore
         elif self.backend != "reload":
             raise WeightSyncError(f"sync.backend = '{self.backend}' is not available in this build; use sync.backend=reload")
@@ -112,6 +112,12 @@ class WeightSync:
         started = time.perf_counter()
         staged = [engine.stage_weights.remote(bucket) for bucket in self.last_export["buckets"]]
         self._wait({self._apply(engine, self.last_export, self.version): (name, staged)}, started)
+
+    def _record_version(self, version: int) -> None:
+        """The NCCL transfer bypasses ``apply_staged_weights``: tell the engines which version they hold."""
+        started = time.perf_counter()
+        self._wait({engine.set_weight_version.remote(version): (name, [])
+                    for engine, name in zip(self.engines.workers, self.engines.names)}, started)
 
     @staticmethod
     def _apply(engine, exported: dict, version: int):

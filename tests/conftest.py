@@ -62,6 +62,20 @@ def rule_learning_run(ray_local, tiny_model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def rule_learning_run_stale(ray_local, tiny_model_path, tmp_path_factory):
+    """The rule-reward run of ``rule_learning_run`` one step off (rollout.max_staleness=1): each
+    iteration's groups are generated and judged while the learner steps on the previous one's.
+    It checkpoints every 3 iterations, so test_loop's resume test can resume a copy of it from
+    iteration 5, when iteration 6's groups were already produced."""
+    from dynalign.driver import train
+
+    config = tiny_config(tiny_model_path, tmp_path_factory.mktemp("rule_learning_stale") / "run", "judge.kind=rule",
+                         "iterations=8", "learner.lr=5e-3", "rollout.group_size=8", "data.prompts_per_iteration=8",
+                         "rollout.max_staleness=1", "checkpoint.every=3", "logging.backends=[]")
+    return config, train(config)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_std01_path(tmp_path_factory) -> str:
     """The tiny model with weights of std 0.1 instead of 0.02, for LoRA (see ``rule_learning_run_lora``)."""
     from dynalign.tiny_model import make_tiny_model

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import tiny_config
 
@@ -94,9 +95,11 @@ def _with_zero_rewards(groups):
     return groups
 
 
-def _check_rule_learning(config, summary, what: str) -> list[dict]:
+def _check_rule_learning(config, summary, what: str, max_staleness: int = 0) -> list[dict]:
     """The learning run's metrics, checked: 8 iterations, the last two iterations' mean reward at
-    least double the first's, ratio 1 on each first micro-step, every sync landed."""
+    least double the first's, ratio 1 on each first micro-step, every sync landed (the engines
+    generated each iteration's groups with the weights they should hold: one version behind the
+    learner's from iteration 1 on when one step off)."""
     from dynalign.metrics import read_metrics
 
     metrics = read_metrics(config.run_dir)
@@ -108,7 +111,10 @@ def _check_rule_learning(config, summary, what: str) -> list[dict]:
     assert last_two >= 2 * first > 0
     for m in metrics:
         assert m["learner.first_microstep_ratio_max_dev"] < 1e-6
-        assert m["learner.engine_gap_max_abs"] < 0.05  # every sync landed
+        assert m["staleness.max"] == m["staleness.mean"] == min(m["iteration"], max_staleness)
+        assert m["version.generation_min"] == m["iteration"] - m["staleness.max"] and m["staleness.dropped"] == 0
+        if m["staleness.max"] == 0:
+            assert m["learner.engine_gap_max_abs"] < 0.05  # the engine sampled from the learner's weights
         assert m["sync_bytes"] > 0
     assert summary["reward_mean_per_iteration"] == rewards
     return metrics
@@ -121,6 +127,63 @@ def test_rule_reward_learning_doubles(rule_learning_run):
     config, summary = rule_learning_run
     _check_rule_learning(config, summary, "full fine-tuning")
     assert list((Path(config.run_dir) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.xdist_group("rule_learning_stale")  # with pytest -n: with the resume test below, one run
+def test_rule_reward_learning_doubles_one_step_off(rule_learning_run_stale):
+    """The learning test one step off (rollout.max_staleness=1): from iteration 1 on the learner
+    trains on groups the engines sampled with the previous weights while it stepped, and the
+    truncated IS weights against the engines' log-probs correct for it. The reward still at least
+    doubles, and the stale samples are measurably off the learner's policy."""
+    config, summary = rule_learning_run_stale
+    metrics = _check_rule_learning(config, summary, "one step off (max_staleness=1)", max_staleness=1)
+    gaps = [m["learner.engine_gap_max_abs"] for m in metrics]
+    print("engine-learner log-prob gap per iteration: " + ", ".join(f"{g:.3f}" for g in gaps) +
+          "; IS weight mean/min: " + ", ".join(f"{m['learner.is_weight_mean']:.3f}/{m['learner.is_weight_min']:.3f}"
+                                                for m in metrics))
+    assert max(gaps[1:]) > 2 * gaps[0]  # one version old: the IS correction has something to correct
+    assert all("time.generate" in m and "time.judge" in m for m in metrics)  # timed where they ran: ahead
+
+
+@pytest.mark.xdist_group("rule_learning_stale")
+def test_one_step_off_resume_is_exact(rule_learning_run_stale, tmp_path):
+    """A copy of the one-step-off learning run resumed from its iteration-5 checkpoint, written
+    while iteration 6's groups were already generated and judged (the checkpoint keeps them),
+    replays iterations 6 and 7 and ends with the very rewards and final weights of the run that
+    was not stopped."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from dynalign.driver import train
+    from dynalign.files import read_jsonl
+    from dynalign.metrics import read_metrics
+    from dynalign.overlap import AHEAD_FILE
+
+    config, _ = rule_learning_run_stale
+    straight = Path(config.run_dir)
+    split = tmp_path / "split"
+    shutil.copytree(straight, split, symlinks=True,
+                    ignore=lambda where, names: {"ray_train", "policy"} & set(names) if where == str(straight) else ())
+    checkpoint = split / "checkpoints" / "iter_000005"
+    *groups, tail = read_jsonl(checkpoint / AHEAD_FILE)
+    assert tail["iteration"] == 6 and len(groups) == config.data.prompts_per_iteration
+    assert {r["group"]["generation_version"] for r in groups} == {5}  # sampled by the weights of iteration 5's step
+    assert AHEAD_FILE in json.loads((checkpoint / "manifest.json").read_text())["files"]
+    train(dataclasses.replace(config, run_dir=str(split)), resume=str(checkpoint))
+    runs = {"straight": straight, "split": split}
+    metrics = {name: read_metrics(path) for name, path in runs.items()}
+    rewards = {name: [m["reward_mean"] for m in ms] for name, ms in metrics.items()}
+    print(f"one-step-off resume: rewards {rewards}")
+    assert rewards["split"] == rewards["straight"] and len(rewards["straight"]) == config.iterations
+    for key in ("learner.loss", "learner.is_weight_mean", "staleness.mean", "version.generation_min"):
+        assert [m[key] for m in metrics["split"]] == [m[key] for m in metrics["straight"]], key
+    weights = {name: {k: t for file in sorted((path / "policy").glob("*.safetensors")) for k, t in load_file(str(file)).items()}
+               for name, path in runs.items()}
+    assert weights["straight"]
+    assert weights["split"].keys() == weights["straight"].keys()
+    for name, tensor in weights["straight"].items():
+        assert torch.equal(weights["split"][name], tensor), name
 
 
 @pytest.mark.xdist_group("rule_learning_lora")  # with pytest -n: with test_lora's resume test, one run
@@ -141,7 +204,8 @@ def test_rule_reward_learning_doubles_with_lora(rule_learning_run_lora):
 
 def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, capsys, monkeypatch):
     """The smoke job, as `dynalign train` runs it: the policy judges itself (logprob mode, on the
-    shared rollout engine), two iterations, the final policy saved in Hugging Face format. No
+    shared rollout engine), two iterations one step off (rollout.max_staleness=1), the final
+    policy saved in Hugging Face format. No
     judge-only engine is started, the sync targets the rollout engine only, and the judge metrics
     reach metrics.jsonl and TensorBoard."""
     from ray.util.state import list_actors
@@ -169,7 +233,7 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
     config = tiny_config(tiny_model_path, run_dir)
     assert config.judge.kind == "policy" and config.judge.engine == "shared" and config.judge.mode == "logprob"
     overrides = [f"model.path={config.model.path}", f"run_dir={run_dir}", f"data.prompts_path={config.data.prompts_path}",
-                 f"judge.value_spec={config.judge.value_spec}", "logging.progress=false"]
+                 f"judge.value_spec={config.judge.value_spec}", "logging.progress=false", "rollout.max_staleness=1"]
     assert main(["train", "--config", str(REPO / "configs/smoke.yaml"), *overrides]) == 0
     assert judge_actors() == judge_actors_before
     assert synced["names"] == ["rollout-0"]
@@ -182,6 +246,13 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
         assert m["judge.invalid_share"] == 0.0  # logprob scoring never fails to parse
         for phase in ("generate", "judge", "learn", "sync"):
             assert m[f"time.{phase}"] > 0
+    # One step off: iteration 1's groups were sampled and judged during iteration 0's learner step,
+    # by version 0 on the shared engine (the judge rule: the weights that generated a group judge it).
+    assert [m["staleness.max"] for m in metrics] == [0.0, 1.0]
+    assert all(m["version.judge_mismatch"] == 0 and m["version.judge_min"] == 0 for m in metrics)
+    records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {r["iteration"] for r in records} == {0, 1}
+    assert all(r["generation_version"] == r["judge_version"] == 0 for r in records)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert model.config.vocab_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 2

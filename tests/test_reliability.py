@@ -22,7 +22,10 @@ def _train_command(model_path: str, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "dynalign.cli", "train", "--config", str(REPO / "configs/smoke.yaml"),
             f"model.path={model_path}", f"run_dir={run_dir}", "judge.kind=rule", f"iterations={ITERATIONS}",
             "learner.lr=5e-3", "checkpoint.every=1", "checkpoint.keep_last=5", "logging.progress=false",
-            "logging.backends=[]", "logging.report=false", "cluster.num_cpus=4", *extra]
+            "logging.backends=[]", "logging.report=false", "cluster.num_cpus=4",
+            # One step off: every interruption below lands while the next iteration's groups are
+            # in production or kept by a checkpoint; the synchronous loop is the simpler case.
+            "rollout.max_staleness=1", *extra]
 
 
 def _env() -> dict:
@@ -108,6 +111,8 @@ def test_sigkills_and_sigterm_then_resume_match_the_uninterrupted_run(tiny_model
        iteration: it finishes the iteration, writes a checkpoint of its own, exits 0 and leaves no
        process behind;
     4. `--resume latest` again finishes the run.
+    The run is one step off (rollout.max_staleness=1), so each interruption meets groups produced
+    ahead: in flight (discarded, the checkpoint's restored) or kept by the checkpoint.
     The final weights are bit-identical, no prompt is replayed or skipped, the metrics are whole."""
     run_dir, log_path = tmp_path / "run", tmp_path / "first.log"
 

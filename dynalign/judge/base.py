@@ -84,6 +84,8 @@ class ModelJudge(Judge):
         self.calls += 1
         infos = self.judge_items([(g.prompt, [c.text for c in g.candidates]) for g in groups], seed)
         for group, info in zip(groups, infos):
+            version = info.pop("weight_version", None)  # the judging engine's; only a policy judge's is the policy's
+            group.judge_version = version if self.judge.kind == "policy" else None
             info.update(summarize_judgements(info, len(group.candidates), self.judge, self.spec))
             group.judge_info = info
             group.rewards = list(info["score"])

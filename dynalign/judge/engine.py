@@ -36,7 +36,8 @@ class JudgeMixin:
         else:
             values, counts = run_jobs(jobs, lambda asked, s: self._sample(asked, s, mode.judge), mode.judge, seed,
                                       len(items))
-        return per_group(values, counts)
+        # Which weights judged: the driver records it on each group (self-rewarding's judge rule).
+        return [{**info, "weight_version": self.weight_version} for info in per_group(values, counts)]
 
     def judge_prompt_token_ids(self, question: str, answer: str, judge: JudgeConfig, spec: ValueSpec,
                                pillar: str | None = None) -> list[int]:
