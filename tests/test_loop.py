@@ -205,15 +205,18 @@ def test_rule_reward_learning_doubles_with_lora(rule_learning_run_lora):
 def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, capsys, monkeypatch):
     """The smoke job, as `dynalign train` runs it: the policy judges itself (logprob mode, on the
     shared rollout engine), two iterations one step off (rollout.max_staleness=1), the final
-    policy saved in Hugging Face format. No
-    judge-only engine is started, the sync targets the rollout engine only, and the judge metrics
-    reach metrics.jsonl and TensorBoard."""
+    policy saved in Hugging Face format. No judge-only engine is started, the sync targets the
+    rollout engine only, and the judge metrics reach metrics.jsonl and TensorBoard.
+    With generation on: each iteration the policy's engine writes fresh prompts (iteration 1's
+    while the learner steps on iteration 0), which are filtered, stored and trained on (topped up
+    from the prompts file when too few survive)."""
     from ray.util.state import list_actors
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from transformers import AutoModelForCausalLM
 
     from dynalign import driver
     from dynalign.cli import main
+    from dynalign.prompt_store import PromptStore
     from tests.conftest import REPO
 
     synced = {}
@@ -233,7 +236,10 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
     config = tiny_config(tiny_model_path, run_dir)
     assert config.judge.kind == "policy" and config.judge.engine == "shared" and config.judge.mode == "logprob"
     overrides = [f"model.path={config.model.path}", f"run_dir={run_dir}", f"data.prompts_path={config.data.prompts_path}",
-                 f"judge.value_spec={config.judge.value_spec}", "logging.progress=false", "rollout.max_staleness=1"]
+                 f"judge.value_spec={config.judge.value_spec}", "logging.progress=false", "rollout.max_staleness=1",
+                 "rollout.max_model_len=1024", "generation.enabled=true", "generation.requests_per_iteration=4",
+                 "generation.prompts_per_request=4", "generation.examples_per_request=2",
+                 "generation.max_new_tokens=48", "generation.min_words=1"]
     assert main(["train", "--config", str(REPO / "configs/smoke.yaml"), *overrides]) == 0
     assert judge_actors() == judge_actors_before
     assert synced["names"] == ["rollout-0"]
@@ -253,6 +259,17 @@ def test_self_rewarding_smoke_through_cli(ray_local, tiny_model_path, tmp_path, 
     records = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert {r["iteration"] for r in records} == {0, 1}
     assert all(r["generation_version"] == r["judge_version"] == 0 for r in records)
+    store = PromptStore(run_dir / "prompts")
+    assert store.iterations() == [0, 1]
+    trained = [json.loads(line) for line in (run_dir / "prompt_ids.jsonl").read_text().splitlines()]
+    for m, record in zip(metrics, trained, strict=True):
+        print(f"iteration {m['iteration']}: kept {m['prompts.kept']:.0f} of {m['prompts.candidates']:.0f} generated "
+              f"prompts, topped up {m['prompts.topped_up']:.0f}")
+        assert m["prompts.requests"] == 4 and m["prompts.requests_failed"] == 0
+        assert m["prompts.kept"] + m["prompts.topped_up"] >= config.data.prompts_per_iteration
+        generated = {r["id"] for r in store.load(m["iteration"])}
+        used = [pid for pid in record["prompt_ids"] if pid.startswith("gen-")]
+        assert set(used) <= generated and (used or m["prompts.kept"] == 0)
     model = AutoModelForCausalLM.from_pretrained(run_dir / "policy")
     assert model.config.vocab_size > 0
     assert json.loads((run_dir / "summary.json").read_text())["iterations"] == 2

@@ -27,7 +27,7 @@ from dynalign.prompt_store import (
     parse_prompts,
 )
 from dynalign.value import ValueSpec
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO
 
 SPEC = REPO / "configs/values/collective_agency.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -668,31 +668,3 @@ def test_generate_command_with_rollout_engines_and_a_separate_vllm_engine(ray_lo
     assert main(argv) == 0  # complete already: no engine started, same dataset
     assert "after 0 round(s)" in capsys.readouterr().out
     assert store.iterations() == rounds
-
-
-@pytest.mark.slow
-def test_train_with_generation_enabled(ray_local, tiny_model_path, tmp_path):
-    """`train` with generation on: each iteration the policy's engines write fresh prompts, which
-    are filtered, stored and trained on (topped up from the prompts file when too few survive)."""
-    from dynalign.driver import train
-    from dynalign.metrics import read_metrics
-
-    run_dir = tmp_path / "run"
-    config = tiny_config(tiny_model_path, run_dir, "judge.kind=rule", "iterations=2", "rollout.max_model_len=1024",
-                         "generation.enabled=true", "generation.requests_per_iteration=4",
-                         "generation.prompts_per_request=4", "generation.examples_per_request=2",
-                         "generation.max_new_tokens=48", "generation.min_words=1",
-                         "learner.num_ranks=1")  # the learner is not what this test is about
-    train(config)
-    metrics = read_metrics(run_dir)
-    store = PromptStore(run_dir / "prompts")
-    assert store.iterations() == [0, 1]
-    trained = [json.loads(line) for line in (run_dir / "prompt_ids.jsonl").read_text().splitlines()]
-    for m, record in zip(metrics, trained):
-        print(f"iteration {m['iteration']}: kept {m['prompts.kept']:.0f} of {m['prompts.candidates']:.0f}, topped up "
-              f"{m['prompts.topped_up']:.0f}; prompts {m['time.prompts']:.1f} s of {m['time.total']:.1f} s")
-        assert m["prompts.requests"] == 4 and m["prompts.requests_failed"] == 0
-        assert m["prompts.kept"] + m["prompts.topped_up"] >= config.data.prompts_per_iteration
-        generated = {r["id"] for r in store.load(m["iteration"])}
-        used = [pid for pid in record["prompt_ids"] if pid.startswith("gen-")]
-        assert set(used) <= generated and (used or m["prompts.kept"] == 0)
