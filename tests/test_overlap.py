@@ -178,3 +178,38 @@ def test_stale_samples_with_engine_importance_weights_give_the_on_policy_gradien
     # On-policy samples (mu = pi): weights of 1, the same gradient as without IS.
     on_policy, _ = _policy_gradient(theta, pi, reward, cap=2.0)
     assert torch.allclose(on_policy, exact, atol=1e-6)
+
+
+def test_a_learner_restart_waits_for_the_groups_in_production_and_discards_them(caplog):
+    """A learner rank dies while the next groups are in production: ``discard`` waits for them
+    (their engines are about to be synced back) and drops them, a failure there included; the
+    replayed iteration's groups are then produced again, on the spot."""
+    engines = Engines()
+    release = threading.Event()
+
+    def slow_produce(iteration, prompts):
+        assert release.wait(30)
+        if iteration == 2:
+            raise RuntimeError("engine died")
+        return engines.produce(iteration, prompts)
+
+    rollouts = RolloutsAhead(slow_produce, max_staleness=1)
+    try:
+        for failing in (False, True):
+            rollouts.start(2 if failing else 1)
+            discarding = threading.Thread(target=rollouts.discard)
+            discarding.start()
+            discarding.join(0.3)
+            assert discarding.is_alive()  # still waiting for the groups in production
+            release.set()
+            discarding.join(30)
+            assert not discarding.is_alive() and rollouts.state() == []
+            release.clear()
+        assert "groups produced ahead failed (engine died)" in caplog.text
+        release.set()
+        calls = len(engines.calls)
+        assert rollouts.get(1).iteration == 1 and len(engines.calls) == calls + 1  # produced again
+        assert engines.calls[-1][2] == threading.current_thread().name
+    finally:
+        release.set()
+        rollouts.close()
