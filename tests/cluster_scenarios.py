@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from dynalign.placement import LOCAL_START_ATTEMPTS, _stop_half_started_ray
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -74,15 +76,25 @@ def serve(temp_dir: str, model_path: str, run_dir: str, out_json: str) -> None:
     from ray.cluster_utils import Cluster
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # shut the cluster down on the way out
-    dashboard_port = _free_port()
-    # Every port of the head free, not Ray's defaults: other Rays run on this machine meanwhile (the
-    # test session's own, another pytest worker's), and a head whose job agent could not bind its
-    # port refuses every job ("No available agent to submit job").
-    ports = {name: _free_port() for name in ("gcs_server_port", "dashboard_agent_listen_port", "metrics_agent_port",
-                                             "metrics_export_port", "runtime_env_agent_port")}
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
-        "resources": {"head_node": 1}, "temp_dir": temp_dir, **ports})
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        dashboard_port = _free_port()
+        # Every port of the head free, not Ray's defaults: other Rays run on this machine meanwhile
+        # (the test session's own, another pytest worker's), and a head whose job agent could not
+        # bind its port refuses every job ("No available agent to submit job").
+        ports = {name: _free_port() for name in ("gcs_server_port", "dashboard_agent_listen_port", "metrics_agent_port",
+                                                 "metrics_export_port", "runtime_env_agent_port")}
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+                "resources": {"head_node": 1}, "temp_dir": temp_dir, **ports})
+            break
+        except Exception as error:
+            # Ray gives the raylet a fixed 30 s to register; a machine busy starting the other
+            # pytest worker's stack can pass it. As start_local_ray does: clean up, start again.
+            if "timed out during startup" not in str(error) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            print(f"head node start timed out (attempt {attempt}); starting it again", flush=True)
+            _stop_half_started_ray(ports["gcs_server_port"])
     # What `ray start --head` leaves behind and `Cluster` does not: the job supervisor finds the
     # cluster its jobs' drivers connect to here, and otherwise takes any Ray on the machine.
     write_ray_address(cluster.address, temp_dir)

@@ -152,9 +152,11 @@ def wait_for_no_processes(name: str, value: str, timeout_s: float = 30.0) -> lis
 # The files of end-to-end tests, longest first (CI's durations). `make test TEST_WORKERS=2` runs
 # two pytest workers that take tests in this order (--no-loadscope-reorder): the long ones start at once and
 # the fast ones fill in at the end, so neither worker waits alone on a long test while the other
-# is idle. Within a file the order stays as written (the vllm serve death test runs last).
-LONGEST_FIRST = ("test_reliability.py", "test_real_model.py", "test_cluster.py", "test_eval.py", "test_faults.py",
-                 "test_loop.py", "test_lora.py", "test_prompt_gen.py", "test_openai_endpoint.py", "test_judge.py")
+# is idle. Within a file the order stays as written (the vllm serve death test runs last). The
+# four-node cluster starts after the first wave of start-ups (at the very start of the suite its
+# head once missed Ray's 30 s registration deadline; tests/cluster_scenarios.py retries it).
+LONGEST_FIRST = ("test_reliability.py", "test_real_model.py", "test_eval.py", "test_faults.py", "test_loop.py",
+                 "test_cluster.py", "test_lora.py", "test_prompt_gen.py", "test_openai_endpoint.py", "test_judge.py")
 
 
 def pytest_collection_modifyitems(config, items):
