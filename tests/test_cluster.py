@@ -376,7 +376,8 @@ def token_cluster(tiny_model_path, tmp_path_factory):
     token_file.write_text(token)
     token_file.chmod(0o600)
     out = temp / "cluster.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # None of this process's Ray settings (its own cluster's address), except conftest's Ray Train ones.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_") or k.startswith("RAY_TRAIN_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), PATH=f"{VENV_BIN}:{env.get('PATH', '')}",
                VLLM_CPU_KVCACHE_SPACE="1", TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING")
     log_path = tmp_path_factory.mktemp("cluster") / "cluster.log"

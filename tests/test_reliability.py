@@ -72,7 +72,8 @@ def straight_run(ray_local, tiny_model_path, tmp_path_factory) -> Path:
     local Ray (``ray_local``, this process's) is up, as two experiments side by side would: the
     run must see neither error nor noise from the other cluster."""
     straight = tmp_path_factory.mktemp("straight") / "run"
-    ran = subprocess.run(_train_command(tiny_model_path, straight), env=_env(), cwd=REPO, capture_output=True,
+    # No periodic checkpoints (~1.7 s each here): writing one changes nothing the run computes.
+    ran = subprocess.run(_train_command(tiny_model_path, straight, "checkpoint.every=0"), env=_env(), cwd=REPO, capture_output=True,
                          text=True, timeout=900)
     output = ran.stdout + ran.stderr
     assert ran.returncode == 0, output[-3000:]
