@@ -55,12 +55,20 @@ def ray_local():
     ray.shutdown()
 
 
-# The rule and one-step-off learning runs train with one learner rank (ZeRO-0, both cores): they
-# are about learning, and rank groups are tested elsewhere (test_loop's sync test, test_reliability,
-# test_lora). One rank fewer to start and to step with: a run took 75 instead of 90 CPU-s. The LoRA
-# run keeps two: with one, its engine-learner gap on the std-0.1 model was 0.086 at iteration 0
-# (mean 0.014), over the 0.05 bound (not yet explained; two ranks stay within it).
-SHARED_RUN = ("learner.num_ranks=1",)
+# float32 engines for the std-0.1 model, whatever `model.dtype=auto` picks on this CPU (bfloat16 where
+# it has AVX-512 BF16): its logits are ~5x the 0.02 model's, and bf16 engine weights alone put the
+# engine's log-probs up to 0.086 from the float32 learner's before any training (measured on an
+# Intel Xeon with AMX), over the 0.05 bound with which the tests tell a landed sync from a skipped one.
+EXACT_ENGINE = ("model.dtype=float32",)
+
+# The shared learning runs train with one learner rank on one thread: they are about learning, and
+# rank groups are tested elsewhere (test_loop's sync test, test_reliability, test_lora's adapter
+# test). One rank fewer to start and to step with (alone, a run took 75 instead of 90 CPU-s), and one
+# thread because `make test` runs two pytest workers on the two cores: a two-thread process there
+# stalls at every parallel region whose other thread is descheduled (the one-rank, two-thread run took
+# 3.6 min in CI against 2.8 for two one-thread ranks).
+SUITE_THREADS = ("learner.threads_per_rank=1", "rollout.threads_per_engine=1")
+SHARED_RUN = ("learner.num_ranks=1", *SUITE_THREADS)
 
 
 @pytest.fixture(scope="session")
@@ -109,8 +117,8 @@ def rule_learning_run_lora(ray_local, tiny_model_std01_path, tmp_path_factory):
 
     config = tiny_config(tiny_model_std01_path, tmp_path_factory.mktemp("rule_learning_lora") / "run", "judge.kind=rule",
                          "iterations=8", "learner.lr=2e-2", "rollout.group_size=8", "data.prompts_per_iteration=8",
-                         "learner.lora.rank=16", "learner.lora.alpha=64", "checkpoint.every=3",
-                         "logging.backends=[]")
+                         "learner.lora.rank=16", "learner.lora.alpha=64", "checkpoint.every=3", *EXACT_ENGINE,
+                         *SHARED_RUN, "logging.backends=[]")
     return config, train(config)
 
 

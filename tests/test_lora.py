@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dynalign.config import ConfigError
-from tests.conftest import tiny_config
+from tests.conftest import EXACT_ENGINE, tiny_config
 from tests.test_learner_step import _samples
 
 
@@ -135,7 +135,7 @@ def test_adapter_sync_reaches_rollout_and_shared_judge(ray_local, tiny_model_std
     from tests.test_loop import _max_logprob_gap, _with_zero_rewards
 
     overrides = ("learner.lr=5e-2", "data.prompts_per_iteration=4", "rollout.group_size=4", "learner.lora.rank=8",
-                 "learner.lora.alpha=32")
+                 "learner.lora.alpha=32", *EXACT_ENGINE)
     config = absolute_paths(tiny_config(tiny_model_std01_path, tmp_path / "run", *overrides))
     assert config.judge.uses_shared_engines and config.judge.mode == "logprob"
     prompts = load_prompts(config)

@@ -141,7 +141,7 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
     from dynalign.driver import System, absolute_paths, sample_scored_groups, to_samples
     from dynalign.metrics import Timings
     from dynalign.prompt_gen import PromptSource
-    from tests.conftest import repo_config
+    from tests.conftest import SUITE_THREADS, repo_config
 
     run_dir = tmp_path / "run"
     config = absolute_paths(repo_config(
@@ -150,8 +150,9 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
         "generation.requests_per_iteration=2", "generation.prompts_per_request=3", "generation.max_new_tokens=96",
         "learner.micro_batch_size=2", "learner.drop_tied_groups=false",
         # One learner rank (the main job runs two): ranks, ZeRO and the sync from several ranks are
-        # the tiny model's tests; this one is about real text. Measured alone: 74 s against 115 s.
-        "learner.num_ranks=1",
+        # the tiny model's tests; this one is about real text. One thread per process, as in every
+        # shared run (tests/conftest.py SUITE_THREADS).
+        "learner.num_ranks=1", *SUITE_THREADS,
         # float32 engines: the sync is exact, so the gap measures the sync alone (bf16 rounding of
         # the weights alone leaves a mean abs gap of ~0.035 on this model, more than one step moves).
         "model.dtype=float32"))
