@@ -10,14 +10,14 @@ cached under ``outputs/bench/``: A (seed 0), what the engines start with, and B 
 learner holds, so every sync really changes the engines' weights.
 
 Baseline (a child process, so its memory is gone before the Ray side starts): model B in fp32 in
-this process and one ``vllm.LLM`` on A in this process; per repeat: cast to bf16, serialise once
-(safetensors), stage and reload into the engine (the same worker extension the actors use).
+this process and one ``vllm.LLM`` on A in this process; per repeat: cast to bf16, put in the wire
+format once (``dynalign.buckets.to_wire``: byte views, no copy), stage and reload into the engine (the same worker extension the actors use).
 
 System: local Ray; the learner's rank 0 holding B in fp32 (``ExportLearner``: the learner's own
 export code in one actor, without Ray Train and DeepSpeed, which do not fit in memory beside two
 0.5B engines mid-sync on this machine); a ``RolloutPool`` engine and a dedicated policy judge
 engine (``make_judge``), both on A; ``WeightSync.sync`` as the driver calls it (rank 0 exports bf16
-safetensors buckets of ``sync.bucket_mb`` into the object store, both engines stage and reload). Both sides warm up once, then ``repeats`` timed syncs each.
+buckets of ``sync.bucket_mb`` into the object store, both engines stage and reload). Both sides warm up once, then ``repeats`` timed syncs each.
 
 Checks: after the sync both engines' prompt log-probs on a probe sequence equal those of the
 baseline engine after its reload (same bf16 weights, same engine code) and differ from before
@@ -105,15 +105,18 @@ def prompt_logprobs(output) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Baseline: serialise once + reload into one engine, in this process
+# Baseline: cast once + reload into one engine, in this process
 # ---------------------------------------------------------------------------------------------
 
 def baseline(model_a: str, model_b: str, repeats: int) -> dict:
+    # The engine core in this process, as in the engine actors (dynalign.engine.engine_env): the
+    # buckets reach the worker extension as they are, not through vLLM's msgpack IPC.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     import torch
-    from safetensors.torch import save
     from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
 
+    from dynalign.buckets import to_wire
     from dynalign.engine import WORKER_EXTENSION
 
     sampler = RssSampler(interval_s=0.5, extra=lambda: {"baseline_process": in_process_vllm_pids()}).__enter__()
@@ -131,14 +134,13 @@ def baseline(model_a: str, model_b: str, repeats: int) -> dict:
     def reload_once():
         started = time.perf_counter()
         state = {name: p.detach().to(torch.bfloat16).contiguous() for name, p in learner_side.named_parameters()}
-        blob = save(state)
-        del state
-        serialised = time.perf_counter()
-        llm.collective_rpc("dynalign_stage_weights", args=(blob,))
+        wire = to_wire(state)
+        cast_done = time.perf_counter()
+        llm.collective_rpc("dynalign_stage_weights", args=(wire,))
         staged = time.perf_counter()
         llm.collective_rpc("dynalign_apply_staged_weights")
         done = time.perf_counter()
-        return done - started, (serialised - started, staged - serialised, done - staged), len(blob)
+        return done - started, (cast_done - started, staged - cast_done, done - staged), sum(t.nbytes for t in state.values())
 
     warmup, _, size = reload_once()
     seconds, parts = [], []
@@ -146,11 +148,11 @@ def baseline(model_a: str, model_b: str, repeats: int) -> dict:
         total, split, size = reload_once()
         seconds.append(total)
         parts.append(split)
-    serialise = [p[0] for p in parts]
+    cast = [p[0] for p in parts]
     after = run_probe()
     memory = sampler.stop()
     params = sum(p.numel() for p in learner_side.parameters())
-    return {"seconds": seconds, "serialise_seconds": serialise, "stage_seconds": [p[1] for p in parts],
+    return {"seconds": seconds, "cast_seconds": cast, "stage_seconds": [p[1] for p in parts],
             "apply_seconds": [p[2] for p in parts], "warmup_seconds": warmup, "bytes": size,
             "worker_affinity": vllm_worker_affinity(),
             "probe_before": before, "probe_after": after, "params": params, "peak_rss_mib": memory,
@@ -187,13 +189,17 @@ def run(quick: bool = False) -> dict:
     model_bytes = base["bytes"]
     moved = [s["sync_bytes"] for s in system["syncs"]]
     gap_vs_baseline = max(max(abs(a - b) for a, b in zip(p, base["probe_after"])) for p in system["probe_after"])
+    # The same weights before any sync: what the engines and the baseline differ by anyway
+    # (bf16 kernels with a different thread count sum in a different order).
+    gap_before = max(max(abs(a - b) for a, b in zip(p, base["probe_before"])) for p in system["probe_before"])
     changed = min(max(abs(a - b) for a, b in zip(p, q)) for p, q in zip(system["probe_after"], system["probe_before"]))
     learner_gap = max(max(abs(a - b) for a, b in zip(p, system["learner_logprobs"])) for p in system["probe_after"])
     learner_gap_before = max(max(abs(a - b) for a, b in zip(p, system["learner_logprobs"]))
                              for p in system["probe_before"])
     checks = [
-        check("engines after sync == baseline engine after reload (probe log-probs)", gap_vs_baseline <= 1e-3,
-              f"max |diff| {gap_vs_baseline:.2e}"),
+        check("engines after sync == baseline engine after reload (probe log-probs)",
+              gap_vs_baseline <= max(1e-3, 2 * gap_before),
+              f"max |diff| {gap_vs_baseline:.2e}; {gap_before:.2e} on the initial weights, before any sync"),
         check("the sync changed both engines", changed > 0.05, f"min over engines of max |after - before| {changed:.3f}"),
         check("engines match the learner's fp32 log-probs (bf16 noise)", learner_gap < 0.1 and learner_gap < learner_gap_before / 3,
               f"max |engine - learner| {learner_gap:.3f} after, {learner_gap_before:.3f} before the sync"),
@@ -212,7 +218,7 @@ def run(quick: bool = False) -> dict:
         "system_export_seconds": [s["sync_export_seconds"] for s in system["syncs"]],
         "system_gb_per_s": [s["sync_gb_per_s"] for s in system["syncs"]],
         "system_warmup_seconds": system["warmup_seconds"],
-        "baseline_serialise_seconds": base["serialise_seconds"], "baseline_stage_seconds": base["stage_seconds"],
+        "baseline_cast_seconds": base["cast_seconds"], "baseline_stage_seconds": base["stage_seconds"],
         "baseline_apply_seconds": base["apply_seconds"], "baseline_warmup_seconds": base["warmup_seconds"],
         "vllm_worker_cpu_affinity": {"system": system["worker_affinity"], "baseline": base["worker_affinity"]},
         "baseline_gb_per_s": [model_bytes / s / 1e9 for s in base["seconds"]],
@@ -223,7 +229,7 @@ def run(quick: bool = False) -> dict:
     figures = [
         figure("sync_over_reload", "0.5B sync to rollout+judge / 1 in-process reload",
                series("WeightSync.sync: learner -> 2 engines", "s", sync_s),
-               series("serialise once + reload 1 engine, in-process", "s", base["seconds"]), TARGET,
+               series("cast once + reload 1 engine, in-process", "s", base["seconds"]), TARGET,
                note=f"{model_bytes / 1e9:.2f} GB per engine"),
         figure("sync_throughput", "sync GB/s / in-process reload GB/s",
                series("WeightSync.sync (bytes to all engines)", "GB/s", [m / s / 1e9 for m, s in zip(moved, sync_s)]),
@@ -246,23 +252,19 @@ class ExportLearner:
 
     Why not ``LearnerGroup``: with a 0.5B model, Ray Train's control actors (~1.5 GiB RSS) and
     DeepSpeed on top of two engines mid-sync put this 24 GiB machine over Ray's OOM threshold.
-    What the sync times (rank 0 casts, serialises and ``ray.put``s the buckets) is unchanged;
+    What the sync times (rank 0 casts the buckets and ``ray.put``s them) is unchanged;
     only the command-channel hop (milliseconds) is missing."""
 
     def __init__(self, config):
-        from types import SimpleNamespace
-
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        from dynalign.learner import PolicyTrainer
+        from benchmarks.bench_learner import plain_trainer
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        trainer = object.__new__(PolicyTrainer)
-        trainer.config, trainer.rank, trainer.world_size, trainer.reference = config, 0, 1, None
-        trainer.tokenizer = AutoTokenizer.from_pretrained(config.model.path)
-        model = AutoModelForCausalLM.from_pretrained(config.model.path, dtype=torch.float32)
-        trainer.engine = SimpleNamespace(module=model)
+        # The stand-in the learner benchmark uses (kept in step with PolicyTrainer by a test); no
+        # optimizer step is taken, so AdamW never allocates its state.
+        trainer = plain_trainer(config, AutoTokenizer.from_pretrained(config.model.path), config.model.path)
         self.trainer = trainer
 
     def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict:

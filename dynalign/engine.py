@@ -201,8 +201,8 @@ class EngineWorker:
         return [[choice.text for choice in out.outputs] for out in outputs]
 
     # -- weights ------------------------------------------------------------------------------
-    def stage_weights(self, blob: bytes) -> int:
-        return sum(self.llm.collective_rpc("dynalign_stage_weights", args=(blob,)))
+    def stage_weights(self, bucket: list) -> int:
+        return sum(self.llm.collective_rpc("dynalign_stage_weights", args=(bucket,)))
 
     def apply_staged_weights(self, version: int) -> int:
         loaded = self.llm.collective_rpc("dynalign_apply_staged_weights")[0]

@@ -25,11 +25,12 @@ import torch
 
 from dynalign import grpo, lora
 from dynalign.batch import PaddedBatch, Sample, padding_fraction, rank_micro_batches
+from dynalign.buckets import gather_partitioned, to_wire
 from dynalign.channel import _RESTARTED, CommandChannel
 from dynalign.checkpoint import policy_dtype, write_policy
 from dynalign.config import RunError, TrainConfig
 from dynalign.files import atomic_write_text
-from dynalign.memory import memory_gib, release_free_memory, reset_peak
+from dynalign.memory import fix_mmap_threshold, memory_gib, release_free_memory, reset_peak
 from dynalign.plan import zero_optimization, zero_stage_for
 
 # DeepSpeed compiles its CPU communication op into TORCH_EXTENSIONS_DIR: one per environment (built
@@ -100,6 +101,7 @@ class PolicyTrainer:
         samples_per_update = config.data.prompts_per_iteration * config.rollout.group_size // learner.updates_per_iteration
         self.grad_accum_steps = samples_per_update // (world_size * learner.micro_batch_size)
         self.zero_stage = zero_stage_for(learner.zero_stage, world_size)
+        fix_mmap_threshold(learner.mmap_threshold_bytes(self.zero_stage))  # before the model's tensors
         ds_config = {
             "train_micro_batch_size_per_gpu": learner.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum_steps,
@@ -280,7 +282,10 @@ class PolicyTrainer:
 
         import deepspeed
         for bucket in self._bucket_plan(bucket_bytes, dtype, adapter):
-            params = [p for entry in bucket for p in lora.entry_params(entry)]
+            if self.zero_stage == 3 and all(merge is None for _, _, merge in bucket):  # cast, then gather
+                yield gather_partitioned({name: p for name, p, _ in bucket}, dtype, device, keep=self.rank == 0)
+                continue
+            params = [p for entry in bucket for p in lora.entry_params(entry)]  # LoRA merges gather whole
             gathered = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.zero_stage == 3
                         else contextlib.nullcontext())
             with gathered:
@@ -288,19 +293,16 @@ class PolicyTrainer:
                         for entry in bucket} if self.rank == 0 else {})
 
     def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict | None:
-        """Rank 0 puts each bucket as a safetensors blob in the object store as soon as it is
-        gathered, so its own memory holds one bucket at a time; the sync layer ships them. With LoRA
-        only the adapter goes, with the PEFT config the engines build it from."""
-        from safetensors.torch import save
-
+        """Rank 0 puts each bucket in the object store as soon as it is gathered (Ray copies its
+        bytes straight into shared memory), so its own memory holds one bucket at a time; the sync
+        layer ships them. With LoRA only the adapter goes, with the PEFT config the engines build it from."""
         refs, total = [], 0
         adapter = self.lora is not None
         for bucket in self.weight_buckets(bucket_bytes, getattr(torch, dtype_name), device="cpu", adapter=adapter):
             if self.rank == 0:
-                blob = save(bucket)
-                total += len(blob)
-                refs.append(ray.put(blob))
-                del blob, bucket
+                total += sum(t.numel() * t.element_size() for t in bucket.values())
+                refs.append(ray.put(to_wire(bucket)))
+                del bucket
         if self.rank != 0:
             return None
         return {"buckets": refs, "bytes": total, **({"peft_config": lora.engine_peft_config(self.lora)} if adapter else {})}

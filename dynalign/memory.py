@@ -52,6 +52,18 @@ def release_free_memory() -> None:
         pass  # not glibc
 
 
+def fix_mmap_threshold(threshold_bytes: int) -> None:
+    """glibc: allocations of ``threshold_bytes`` or more get their own mapping, unmapped when freed
+    (0: leave glibc's own threshold, which rises to each large block freed, up to 32 MiB, so that
+    later blocks of that size come from the heap, which keeps them resident once freed)."""
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    if threshold_bytes > 0:
+        try:
+            ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold_bytes)
+        except (AttributeError, OSError):
+            pass  # not glibc
+
+
 def reset_peak(sample_anon: bool = False) -> None:
     """Start a new peak: the kernel's resident high-water mark (writing 5 to clear_refs), torch's
     CUDA peak counters and, with ``sample_anon``, a sampler of the process's own memory."""

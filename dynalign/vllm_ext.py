@@ -1,7 +1,7 @@
 """Code that runs inside vLLM's worker processes (loaded by ``worker_extension_cls``).
 
-The driver reaches these methods through ``LLM.collective_rpc``. Weights arrive as
-safetensors-serialised buckets: on the CPU backend vLLM repacks linear weights after loading,
+The driver reaches these methods through ``LLM.collective_rpc``. Weights arrive as buckets of
+raw tensor bytes (``dynalign.buckets``): on the CPU backend vLLM repacks linear weights after loading,
 so a plain ``load_weights`` into the live model fails and the in-place ``reload_weights`` path
 is required; it wants every weight in one call, so buckets are staged first, then applied.
 """
@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import torch
 
+from dynalign.buckets import from_wire
+
 
 class WeightSyncExtension:
     """Mixed into vLLM's Worker class; ``self`` is the worker."""
 
-    def dynalign_stage_weights(self, blob: bytes) -> int:
-        from safetensors.torch import load
-
+    def dynalign_stage_weights(self, bucket: list) -> int:
+        """Keep one bucket (``dynalign.buckets.to_wire`` form) until ``apply`` loads them all."""
         staged = getattr(self, "_dynalign_staged", None)
         if staged is None:
             staged = self._dynalign_staged = []
-        tensors = load(blob)
-        staged.extend(tensors.items())
+        tensors = from_wire(bucket)
+        staged.extend(tensors)
         return len(tensors)
 
     def dynalign_apply_staged_weights(self) -> int:

@@ -489,8 +489,9 @@ class TestOnOneSharedEngine:
         weights' manual computation: the judge scores with the current iteration's weights."""
         import ray
         import torch
-        from safetensors.torch import save
         from transformers import AutoModelForCausalLM
+
+        from dynalign.buckets import to_wire
 
         config, rollout, pool, groups = shared_judge
         worker = rollout.workers[0]
@@ -516,7 +517,7 @@ class TestOnOneSharedEngine:
                 param.copy_(param.to(engine_dtype).float())
 
         def load(state):
-            ray.get(worker.stage_weights.remote(save({k: v.to(engine_dtype).contiguous() for k, v in state.items()})))
+            ray.get(worker.stage_weights.remote(to_wire({k: v.to(engine_dtype).contiguous() for k, v in state.items()})))
             ray.get(worker.apply_staged_weights.remote(1))
         try:
             load(model.state_dict())

@@ -31,7 +31,7 @@ def _tied_model(path, seed: int) -> str:
 
 
 class _Learner:
-    """The one method WeightSync calls: bf16 safetensors buckets of a Hugging Face model."""
+    """The one method WeightSync calls: one bucket of a Hugging Face model's weights, in the wire format."""
 
     def __init__(self, model):
         self.model = model
@@ -39,10 +39,11 @@ class _Learner:
     def export_weights(self, bucket_bytes: int, dtype_name: str) -> dict:
         import ray
         import torch
-        from safetensors.torch import save
 
-        blob = save({n: p.detach().to(getattr(torch, dtype_name)).contiguous() for n, p in self.model.named_parameters()})
-        return {"buckets": [ray.put(blob)], "bytes": len(blob)}
+        from dynalign.buckets import to_wire
+
+        bucket = {n: p.detach().to(getattr(torch, dtype_name)).contiguous() for n, p in self.model.named_parameters()}
+        return {"buckets": [ray.put(to_wire(bucket))], "bytes": sum(t.nbytes for t in bucket.values())}
 
 
 def test_sync_into_tied_embedding_model_updates_the_lm_head(ray_local, tmp_path):
