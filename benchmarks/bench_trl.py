@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import bench_main, bench_result, check, figure, series
+from dynalign.config import cpu_has_bf16_matmul
 
 NAME, TITLE = "trl", "dynalign iteration vs TRL GRPOTrainer step, SmolLM2-135M-Instruct"
 TARGET = ("<=", 0.6)
@@ -47,7 +48,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-model, prompts_path, steps, out, prompts_per_step, group, new_tokens, lr, micro = sys.argv[1:10]
+model, prompts_path, steps, out, prompts_per_step, group, new_tokens, lr, micro, bf16 = sys.argv[1:11]
 prompts_per_step, group, new_tokens, micro, steps = map(int, (prompts_per_step, group, new_tokens, micro, steps))
 rows = [json.loads(line) for line in open(prompts_path)]
 dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
@@ -65,7 +66,7 @@ class StepTimes(TrainerCallback):
         self.marks.append(time.perf_counter())
 
 accumulation = prompts_per_step * group // micro
-config = GRPOConfig(output_dir=out + ".trainer", use_cpu=True, bf16=False, fp16=False, seed=0,
+config = GRPOConfig(output_dir=out + ".trainer", use_cpu=True, bf16=bf16 == "bfloat16", fp16=False, seed=0,
                     per_device_train_batch_size=micro, gradient_accumulation_steps=accumulation,
                     num_generations=group, max_completion_length=new_tokens, temperature=1.0,
                     learning_rate=float(lr), lr_scheduler_type="constant", beta=0.0, num_iterations=1, max_steps=steps,
@@ -95,6 +96,42 @@ def install_trl(site: Path) -> None:
                     f"trl=={TRL_VERSION}"], check=True)
 
 
+def _pair(work: Path, site: Path, env: dict, steps: int, precision: str) -> tuple[list, list, dict]:
+    """One dynalign run and one TRL run, one after the other, learners in ``precision``."""
+    work.mkdir(parents=True, exist_ok=True)
+    # dynalign, as the main job runs, with the rule reward instead of the self-judge.
+    run_dir = work / "dynalign_run"
+    started = time.perf_counter()
+    _run([sys.executable, "-m", "dynalign.cli", "train", "--config", str(REPO / "configs/smollm2_cpu.yaml"),
+          f"model.path={MODEL}", f"run_dir={run_dir}", "--overwrite", f"iterations={steps}",
+          "generation.enabled=false", f"data.prompts_path={PROMPTS}", f"data.prompts_per_iteration={PROMPTS_PER_STEP}",
+          f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
+          "judge.kind=rule", "judge.rule=length", f"learner.lr={LR}", f"learner.micro_batch_size={MICRO}",
+          f"model.learner_dtype={precision}", "learner.drop_tied_groups=false", "logging.report=false",
+          "logging.backends=[]", "logging.progress=false"], env, work / "dynalign.log", timeout=1800)
+    dynalign_wall = time.perf_counter() - started
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    # TRL's GRPOTrainer, same model, prompts, sizes, reward and precision.
+    trl_out = work / "trl.json"
+    trl_env = {**env, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")])}
+    started = time.perf_counter()
+    _run([sys.executable, "-c", TRL_SCRIPT, str(MODEL), str(PROMPTS), str(steps), str(trl_out),
+          str(PROMPTS_PER_STEP), str(GROUP), str(NEW_TOKENS), str(LR), str(MICRO), precision], trl_env,
+         work / "trl.log", timeout=1800)
+    trl_wall = time.perf_counter() - started
+    trl = json.loads(trl_out.read_text())
+
+    ours, theirs = [m["time.total"] for m in metrics][1:], trl["step_seconds"][1:]
+    leg = {"dynalign_phases_s": {key: [m[key] for m in metrics][1:] for key in metrics[0] if key.startswith("time.")},
+           "dynalign_all_seconds": [m["time.total"] for m in metrics], "trl_all_seconds": trl["step_seconds"],
+           "dynalign_wall_s": dynalign_wall, "trl_wall_s": trl_wall,
+           "dynalign_learner_step_s": [m.get("learner.step_seconds") for m in metrics],
+           "dynalign_reward_mean": [m["reward_mean"] for m in metrics], "trl_reward_mean": trl["rewards"],
+           "dynalign_tokens": [m.get("learner.tokens") for m in metrics]}
+    return ours, theirs, leg
+
+
 def run(quick: bool = False) -> dict:
     steps = 3 if quick else 5  # the first of each side is warm-up
     work = REPO / "outputs" / "bench" / "trl"
@@ -107,45 +144,24 @@ def run(quick: bool = False) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
     env.update(TOKENIZERS_PARALLELISM="false", VLLM_CPU_KVCACHE_SPACE="1")
 
-    # dynalign, as the main job runs, with the rule reward instead of the self-judge.
-    run_dir = work / "dynalign_run"
-    started = time.perf_counter()
-    _run([sys.executable, "-m", "dynalign.cli", "train", "--config", str(REPO / "configs/smollm2_cpu.yaml"),
-          f"model.path={MODEL}", f"run_dir={run_dir}", "--overwrite", f"iterations={steps}",
-          "generation.enabled=false", f"data.prompts_path={PROMPTS}", f"data.prompts_per_iteration={PROMPTS_PER_STEP}",
-          f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}", "rollout.temperature=1.0",
-          "judge.kind=rule", "judge.rule=length", f"learner.lr={LR}", f"learner.micro_batch_size={MICRO}",
-          "learner.drop_tied_groups=false", "logging.report=false", "logging.backends=[]",
-          "logging.progress=false"], env, work / "dynalign.log", timeout=1800)
-    dynalign_wall = time.perf_counter() - started
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-    # TRL's GRPOTrainer, same model, prompts, sizes and reward.
-    trl_out = work / "trl.json"
-    trl_env = {**env, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")])}
-    started = time.perf_counter()
-    _run([sys.executable, "-c", TRL_SCRIPT, str(MODEL), str(PROMPTS), str(steps), str(trl_out),
-          str(PROMPTS_PER_STEP), str(GROUP), str(NEW_TOKENS), str(LR), str(MICRO)], trl_env, work / "trl.log",
-         timeout=1800)
-    trl_wall = time.perf_counter() - started
-    trl = json.loads(trl_out.read_text())
-
-    ours = [m["time.total"] for m in metrics][1:]
-    theirs = trl["step_seconds"][1:]
-    phases = {key: [m[key] for m in metrics][1:] for key in metrics[0] if key.startswith("time.")}
-    details = {"steps": steps, "prompts_per_step": PROMPTS_PER_STEP, "group": GROUP, "new_tokens": NEW_TOKENS,
-               "trl_version": TRL_VERSION, "dynalign_phases_s": phases, "dynalign_seconds": ours,
-               "trl_seconds": theirs, "dynalign_wall_s": dynalign_wall, "trl_wall_s": trl_wall,
-               "dynalign_reward_mean": [m["reward_mean"] for m in metrics], "trl_reward_mean": trl["rewards"],
-               "dynalign_completion_tokens": [m.get("learner.tokens") for m in metrics]}
-    checks = [
-        check("dynalign ran every iteration", len(metrics) == steps, f"{len(metrics)} of {steps}"),
-        check("TRL ran every step", len(trl["step_seconds"]) == steps, f"{len(trl['step_seconds'])} of {steps}"),
-    ]
-    figures = [figure("dynalign_over_trl", "dynalign iteration / TRL GRPOTrainer step, seconds",
-                      series("dynalign seconds per iteration", "s", ours),
-                      series("TRL seconds per step", "s", theirs), TARGET,
-                      note="lower is better; same model, prompts, G, lengths and rule reward; first step left out")]
+    # Float32 on both sides; where this CPU multiplies bf16 in hardware, bf16 mixed precision on
+    # both sides too (dynalign: model.learner_dtype=bfloat16; TRL: bf16=True, torch autocast).
+    precisions = ["float32"] + (["bfloat16"] if cpu_has_bf16_matmul() else [])
+    figures, checks, details = [], [], {"steps": steps, "prompts_per_step": PROMPTS_PER_STEP, "group": GROUP,
+                                        "new_tokens": NEW_TOKENS, "trl_version": TRL_VERSION}
+    for precision in precisions:
+        ours, theirs, leg = _pair(work / precision, site, env, steps, precision)
+        details[precision] = leg
+        checks += [check(f"{precision}: dynalign ran every iteration", len(leg["dynalign_all_seconds"]) == steps,
+                         f"{len(leg['dynalign_all_seconds'])} of {steps}"),
+                   check(f"{precision}: TRL ran every step", len(leg["trl_all_seconds"]) == steps,
+                         f"{len(leg['trl_all_seconds'])} of {steps}")]
+        suffix = "" if precision == "float32" else "_bf16"
+        figures.append(figure(f"dynalign_over_trl{suffix}", f"dynalign iteration / TRL GRPOTrainer step, {precision} learners",
+                              series("dynalign seconds per iteration", "s", ours),
+                              series("TRL seconds per step", "s", theirs), TARGET,
+                              note="lower is better; same model, prompts, G, lengths, rule reward and learner "
+                                   "precision; first step left out"))
     return bench_result(NAME, TITLE, figures, checks, details)
 
 

