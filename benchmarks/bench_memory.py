@@ -123,7 +123,10 @@ def run(quick: bool = False) -> dict:
         f"model.path={MODEL}", f"run_dir={work}", "judge.kind=rule", "logging.progress=false",
         "logging.backends=[]", f"rollout.group_size={GROUP}", f"rollout.max_new_tokens={NEW_TOKENS}",
         f"data.prompts_per_iteration={PROMPTS}", "learner.micro_batch_size=1", f"sync.bucket_mb={BUCKET_MB}",
-        f"data.prompts_path={REPO / 'configs/prompts/smoke_prompts.jsonl'}"]))
+        f"data.prompts_path={REPO / 'configs/prompts/smoke_prompts.jsonl'}",
+        # float32 learners with torch's fused attention, as docs/performance.md section 7 was measured,
+        # whatever this CPU's bf16 support (the main job's learner_dtype is auto)
+        "model.learner_dtype=float32", "model.attn_implementation=sdpa"]))
     tokenizer = AutoTokenizer.from_pretrained(MODEL)
     prompts = [text for _, text in load_prompts(base).take(PROMPTS)]
     samples = synthetic_samples(tokenizer, prompts, GROUP, NEW_TOKENS)

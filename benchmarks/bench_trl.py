@@ -9,8 +9,9 @@ prompts (configs/prompts/smoke_prompts.jsonl, 4 per iteration), same group size 
 length (96 new tokens, temperature 1), the same rule reward on both sides (completion length /
 96: no judge model, so both sides do the same work per step), one optimizer step per iteration
 on all 16 completions with micro-batches of 2, lr 3e-5, beta 0. dynalign runs as the main job
-does (configs/smollm2_cpu.yaml: vLLM engine, 2 learner ranks, weight sync each iteration); TRL
-runs its GRPOTrainer on the CPU (transformers `generate`), one process. The two legs run one after
+does (configs/smollm2_cpu.yaml: vLLM engine, its learner ranks, weight sync each iteration); TRL
+runs its GRPOTrainer on the CPU (transformers `generate`), one process, with the main job's
+attention kernel (`model.attn_implementation`). The two legs run one after
 the other in this run, each in a process of its own.
 
 TRL is not a dependency of dynalign: it is installed into the benchmark's own directory
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import bench_main, bench_result, check, figure, series
-from dynalign.config import cpu_has_bf16_matmul
+from dynalign.config import cpu_has_bf16_matmul, load_config
 
 NAME, TITLE = "trl", "dynalign iteration vs TRL GRPOTrainer step, SmolLM2-135M-Instruct"
 TARGET = ("<=", 0.6)
@@ -48,7 +49,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-model, prompts_path, steps, out, prompts_per_step, group, new_tokens, lr, micro, bf16 = sys.argv[1:11]
+model, prompts_path, steps, out, prompts_per_step, group, new_tokens, lr, micro, bf16, attn = sys.argv[1:12]
 prompts_per_step, group, new_tokens, micro, steps = map(int, (prompts_per_step, group, new_tokens, micro, steps))
 rows = [json.loads(line) for line in open(prompts_path)]
 dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows])
@@ -71,7 +72,7 @@ config = GRPOConfig(output_dir=out + ".trainer", use_cpu=True, bf16=bf16 == "bfl
                     num_generations=group, max_completion_length=new_tokens, temperature=1.0,
                     learning_rate=float(lr), lr_scheduler_type="constant", beta=0.0, num_iterations=1, max_steps=steps,
                     logging_steps=1, save_strategy="no", report_to="none", shuffle_dataset=False,
-                    dataloader_num_workers=0, disable_tqdm=True)
+                    dataloader_num_workers=0, disable_tqdm=True, model_init_kwargs={"attn_implementation": attn})
 times = StepTimes()
 trainer = GRPOTrainer(model=model, reward_funcs=length_reward, args=config, train_dataset=dataset, callbacks=[times])
 trainer.train()
@@ -96,8 +97,9 @@ def install_trl(site: Path) -> None:
                     f"trl=={TRL_VERSION}"], check=True)
 
 
-def _pair(work: Path, site: Path, env: dict, steps: int, precision: str) -> tuple[list, list, dict]:
-    """One dynalign run and one TRL run, one after the other, learners in ``precision``."""
+def _pair(work: Path, site: Path, env: dict, steps: int, precision: str, attn: str) -> tuple[list, list, dict]:
+    """One dynalign run and one TRL run, one after the other, learners in ``precision``, attention
+    by ``attn`` on both sides."""
     work.mkdir(parents=True, exist_ok=True)
     # dynalign, as the main job runs, with the rule reward instead of the self-judge.
     run_dir = work / "dynalign_run"
@@ -112,12 +114,12 @@ def _pair(work: Path, site: Path, env: dict, steps: int, precision: str) -> tupl
     dynalign_wall = time.perf_counter() - started
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
-    # TRL's GRPOTrainer, same model, prompts, sizes, reward and precision.
+    # TRL's GRPOTrainer, same model, prompts, sizes, reward, precision and attention kernel.
     trl_out = work / "trl.json"
     trl_env = {**env, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), env.get("PYTHONPATH", "")])}
     started = time.perf_counter()
     _run([sys.executable, "-c", TRL_SCRIPT, str(MODEL), str(PROMPTS), str(steps), str(trl_out),
-          str(PROMPTS_PER_STEP), str(GROUP), str(NEW_TOKENS), str(LR), str(MICRO), precision], trl_env,
+          str(PROMPTS_PER_STEP), str(GROUP), str(NEW_TOKENS), str(LR), str(MICRO), precision, attn], trl_env,
          work / "trl.log", timeout=1800)
     trl_wall = time.perf_counter() - started
     trl = json.loads(trl_out.read_text())
@@ -147,10 +149,13 @@ def run(quick: bool = False) -> dict:
     # Float32 on both sides; where this CPU multiplies bf16 in hardware, bf16 mixed precision on
     # both sides too (dynalign: model.learner_dtype=bfloat16; TRL: bf16=True, torch autocast).
     precisions = ["float32"] + (["bfloat16"] if cpu_has_bf16_matmul() else [])
+    main_job = load_config(REPO / "configs" / "smollm2_cpu.yaml")
+    attn = main_job.model.attn_implementation
     figures, checks, details = [], [], {"steps": steps, "prompts_per_step": PROMPTS_PER_STEP, "group": GROUP,
-                                        "new_tokens": NEW_TOKENS, "trl_version": TRL_VERSION}
+                                        "new_tokens": NEW_TOKENS, "trl_version": TRL_VERSION,
+                                        "learner_ranks": main_job.learner.num_ranks, "attn_implementation": attn}
     for precision in precisions:
-        ours, theirs, leg = _pair(work / precision, site, env, steps, precision)
+        ours, theirs, leg = _pair(work / precision, site, env, steps, precision, attn)
         details[precision] = leg
         checks += [check(f"{precision}: dynalign ran every iteration", len(leg["dynalign_all_seconds"]) == steps,
                          f"{len(leg['dynalign_all_seconds'])} of {steps}"),
@@ -160,8 +165,8 @@ def run(quick: bool = False) -> dict:
         figures.append(figure(f"dynalign_over_trl{suffix}", f"dynalign iteration / TRL GRPOTrainer step, {precision} learners",
                               series("dynalign seconds per iteration", "s", ours),
                               series("TRL seconds per step", "s", theirs), TARGET,
-                              note="lower is better; same model, prompts, G, lengths, rule reward and learner "
-                                   "precision; first step left out"))
+                              note="lower is better; same model, prompts, G, lengths, rule reward, learner "
+                                   "precision and attention kernel; first step left out"))
     return bench_result(NAME, TITLE, figures, checks, details)
 
 

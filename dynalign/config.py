@@ -30,6 +30,7 @@ class ModelConfig:
     path: str = opt("outputs/tiny-model", "Policy model: local directory in Hugging Face format (or hub id on machines with hub access).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = opt("auto", "Weights dtype of the inference engines (vLLM); auto: bfloat16 on GPUs and on CPUs with bf16 kernels (oneDNN: AVX-512, Arm BF16), else float32.")
     learner_dtype: Literal["auto", "bfloat16", "float32"] = opt("float32", "Learner dtype: float32, or bfloat16 mixed precision (bf16 weights and matmuls, float32 master weights in the optimizer); auto: bfloat16 on GPUs and on CPUs with bf16 matrix units (AMX, AVX512-BF16), else float32.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = opt("sdpa", "The learner's attention kernel (transformers' attn_implementation): sdpa (torch's fused attention), eager (matmul + softmax: faster for short bf16 sequences on CPU, memory quadratic in length), flash_attention_2 (GPUs with flash-attn installed).")
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the model directory.")
 
 

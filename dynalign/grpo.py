@@ -126,27 +126,31 @@ class _TokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, token_ids: Tensor, temperature: float, chunk_size: int):
+    def forward(ctx, logits: Tensor, token_ids: Tensor, temperature: float, chunk_size: int, with_entropy: bool):
         compute_dtype = _compute_dtype(logits.dtype)
         logprobs = torch.empty(token_ids.shape, dtype=compute_dtype, device=logits.device)
         logsumexp = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if with_entropy else logprobs.new_empty(0)
         for start in range(0, logits.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
             scaled = logits[rows].to(compute_dtype) / temperature
             logsumexp[rows] = torch.logsumexp(scaled, dim=-1)
             taken = scaled.gather(-1, token_ids[rows].unsqueeze(-1)).squeeze(-1)
             logprobs[rows] = taken - logsumexp[rows]
+            if with_entropy:  # from the chunk already in float32: no second pass over the logits
+                entropy[rows] = _entropy_of_chunk(scaled, logsumexp[rows])
         ctx.save_for_backward(logits, token_ids, logsumexp)
+        ctx.mark_non_differentiable(entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
-        return logprobs
+        return logprobs, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logprobs: Tensor):
+    def backward(ctx, grad_logprobs: Tensor, _grad_entropy: Tensor):
         logits, token_ids, logsumexp = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
+            return None, None, None, None, None
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         compute_dtype = _compute_dtype(logits.dtype)
         grad_logits = torch.empty_like(logits)
@@ -159,13 +163,22 @@ class _TokenLogprobs(torch.autograd.Function):
             chunk_grad.sub_(logsumexp[rows].unsqueeze(-1)).exp_().mul_(-grad)
             chunk_grad.scatter_add_(-1, token_ids[rows].unsqueeze(-1), grad)
             grad_logits[rows] = chunk_grad.div_(temperature)
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
+
+
+def _entropy_of_chunk(scaled: Tensor, logsumexp: Tensor) -> Tensor:
+    """Entropy of softmax(scaled) per row, given its logsumexp: H = lse - sum(p * scaled)."""
+    probs = (scaled - logsumexp.unsqueeze(-1)).exp_()
+    # A banned token (-inf) has p = 0 and 0 * -inf = NaN: nansum counts it as the 0 it is.
+    return logsumexp - torch.nansum(probs.mul_(scaled), dim=-1)
 
 
 def token_logprobs(
-    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_size: int = 8
-) -> Tensor:
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_size: int = 8, with_entropy: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """log p(token) of the taken tokens, [B, T], from logits [B, T, V] (any leading shape works).
+    With ``with_entropy``, also the entropy of each position's distribution (the temperature-scaled
+    one the engine sampled from), detached, from the same float32 chunks: ``(logprobs, entropy)``.
 
     logits[..., t, :] must already be the distribution that produced token_ids[..., t] (the caller
     shifts by one). Logits are divided by `temperature` first, matching vLLM's processed
@@ -181,7 +194,8 @@ def token_logprobs(
         raise ValueError(
             f"logits {tuple(logits.shape)} and token_ids {tuple(token_ids.shape)} disagree"
         )
-    return _TokenLogprobs.apply(logits, token_ids.long(), float(temperature), chunk_size)
+    logprobs, entropy = _TokenLogprobs.apply(logits, token_ids.long(), float(temperature), chunk_size, with_entropy)
+    return (logprobs, entropy) if with_entropy else logprobs
 
 
 def token_entropy(logits: Tensor, chunk_size: int = 8) -> Tensor:
@@ -197,10 +211,8 @@ def token_entropy(logits: Tensor, chunk_size: int = 8) -> Tensor:
     entropy = torch.empty(logits.shape[:-1], dtype=compute_dtype, device=logits.device)
     for start in range(0, logits.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        logp = torch.log_softmax(logits[rows].to(compute_dtype), dim=-1)
-        probs = logp.exp()
-        # 0 * log 0 is 0, not the NaN that 0 * -inf gives.
-        entropy[rows] = -torch.where(probs > 0, probs * logp, 0.0).sum(dim=-1)
+        chunk = logits[rows].to(compute_dtype)
+        entropy[rows] = _entropy_of_chunk(chunk, torch.logsumexp(chunk, dim=-1))
     return entropy
 
 

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from dynalign import cli
 from dynalign.config import ConfigError, TrainConfig, describe, load_config, to_yaml
+from tests.conftest import REPO
 
 
 def write_yaml(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
@@ -189,6 +190,13 @@ def test_learner_dtype_auto_picks_bf16_only_where_bf16_matmuls_run_in_hardware(c
     assert load_config(None, ["model.learner_dtype=auto", "learner.num_gpus_per_rank=1"]).learner_dtype == "bfloat16"
     assert load_config(None, ["model.learner_dtype=bfloat16"]).learner_dtype == "bfloat16"
     assert error_of(overrides=["model.learner_dtype=fp16"]).startswith("model.learner_dtype = 'fp16'")
+
+
+def test_attention_kernel_option():
+    assert load_config(None, []).model.attn_implementation == "sdpa"  # transformers' own default
+    assert load_config(REPO / "configs/smollm2_cpu.yaml").model.attn_implementation == "eager"
+    assert error_of(overrides=["model.attn_implementation=flash"]) == (
+        "model.attn_implementation = 'flash' (from command line) must be one of sdpa, eager, flash_attention_2")
 
 
 def test_check_is_called_on_direct_construction():

@@ -316,7 +316,7 @@ def test_token_logprobs_never_allocates_a_full_float32_copy():
 
 def reference_entropy(logits: Tensor) -> Tensor:
     logp = torch.log_softmax(logits.double(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    return -torch.where(logp.isfinite(), logp.exp() * logp, 0.0).sum(dim=-1)  # a banned token adds 0
 
 
 def test_token_entropy_matches_reference():
@@ -339,8 +339,26 @@ def test_token_entropy_handles_banned_tokens_and_bf16():
     banned[..., 0] = -torch.inf
     torch.testing.assert_close(token_entropy(banned), reference_entropy(logits[..., 1:]))
     half = token_entropy(logits.bfloat16())
-    assert half.dtype == torch.float32
-    torch.testing.assert_close(half.double(), reference_entropy(logits.bfloat16().float()))
+    assert half.dtype == torch.float32  # float32 math, compared at float32 precision
+    torch.testing.assert_close(half, reference_entropy(logits.bfloat16().float()).float())
+
+
+def test_entropy_from_the_logprob_pass_is_the_sampled_distributions():
+    """token_logprobs(with_entropy=True): the same log-probs and gradient as without, plus the
+    entropy of softmax(logits / temperature), detached, banned tokens included."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 11, dtype=f64)
+    logits[0, :, 2] = -torch.inf
+    token_ids = torch.randint(3, 11, (3, 5))
+    plain_in, fused_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    plain = token_logprobs(plain_in, token_ids, temperature=0.7, chunk_size=2)
+    fused, entropy = token_logprobs(fused_in, token_ids, temperature=0.7, chunk_size=2, with_entropy=True)
+    assert torch.equal(plain, fused) and not entropy.requires_grad
+    torch.testing.assert_close(entropy, reference_entropy(logits / 0.7))
+    upstream = torch.randn(3, 5, dtype=f64)
+    (plain * upstream).sum().backward()
+    (fused * upstream).sum().backward()
+    assert torch.equal(plain_in.grad, fused_in.grad)
 
 
 # ----------------------------------------------------------------------------------------------

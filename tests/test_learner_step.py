@@ -95,6 +95,44 @@ def test_bf16_mixed_precision_step_on_cpu(process_group, tiny_model_path, tmp_pa
 
 
 @pytest.mark.slow
+def test_attention_kernel_is_configurable_and_takes_the_same_step(process_group, tiny_model_path, tmp_path):
+    """model.attn_implementation picks the learner's attention kernel (the main job runs eager:
+    faster on short bf16 sequences on CPU); eager and torch's fused kernel take the same step on
+    padded, length-sorted micro-batches."""
+    from dynalign.learner import PolicyTrainer
+
+    steps = {}
+    for kernel in ("sdpa", "eager"):
+        config = tiny_config(tiny_model_path, tmp_path / kernel, "learner.num_ranks=1", "learner.micro_batch_size=2",
+                             "data.prompts_per_iteration=2", "rollout.group_size=2", "learner.lr=1e-3",
+                             f"model.attn_implementation={kernel}")
+        trainer = PolicyTrainer(config, rank=0, world_size=1)
+        assert trainer.engine.module.config._attn_implementation == kernel
+        steps[kernel] = trainer.train_step(_samples(trainer.tokenizer, 4))
+    for key in ("loss", "grad_norm", "entropy"):
+        assert abs(steps["eager"][key] - steps["sdpa"][key]) <= 1e-5 * max(1.0, abs(steps["sdpa"][key])), key
+
+
+@pytest.mark.slow
+def test_weights_gone_non_finite_are_reported_though_loss_and_gradient_were_finite(process_group, tiny_model_path,
+                                                                                   tmp_path):
+    """An update that sends the weights to inf or NaN (here an infinite learning rate) on finite
+    loss and gradients: the step reports it (the driver then stops the run in one line)."""
+    from dynalign.learner import PolicyTrainer
+
+    config = tiny_config(tiny_model_path, tmp_path / "run", "learner.num_ranks=1", "learner.micro_batch_size=2",
+                         "data.prompts_per_iteration=2", "rollout.group_size=2")
+    trainer = PolicyTrainer(config, rank=0, world_size=1)
+    samples = _samples(trainer.tokenizer, 4)
+    assert trainer.train_step(samples)["nonfinite_weights"] == 0.0
+    for group in trainer.engine.optimizer.param_groups:
+        group["lr"] = float("inf")
+    step = trainer.train_step(samples)
+    assert math.isfinite(step["loss"]) and math.isfinite(step["grad_norm"])
+    assert step["nonfinite_weights"] == 1.0
+
+
+@pytest.mark.slow
 def test_zero3_builds_partitioned_and_saves_streaming(process_group, tiny_model_path, tmp_path):
     """ZeRO-3 builds the policy and the reference model already partitioned (every parameter is a
     DeepSpeed shard outside a gather), takes the same first step as ZeRO-0 (same loss, gradient

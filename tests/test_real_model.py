@@ -149,13 +149,14 @@ def test_one_real_iteration_generates_judges_learns_and_syncs(ray_local, smollm2
         "data.prompts_per_iteration=2", "rollout.group_size=4", "rollout.max_new_tokens=48",
         "generation.requests_per_iteration=2", "generation.prompts_per_request=3", "generation.max_new_tokens=96",
         "learner.micro_batch_size=2", "learner.drop_tied_groups=false",
-        # One learner rank (the main job runs two): ranks, ZeRO and the sync from several ranks are
-        # the tiny model's tests; this one is about real text. One thread per process, as in every
-        # shared run (tests/conftest.py SUITE_THREADS).
+        # One learner rank, as the main job: ranks, ZeRO and the sync from several ranks are the tiny
+        # model's tests; this one is about real text. One thread per process, as in every shared run
+        # (tests/conftest.py SUITE_THREADS).
         "learner.num_ranks=1", *SUITE_THREADS,
-        # float32 engines: the sync is exact, so the gap measures the sync alone (bf16 rounding of
-        # the weights alone leaves a mean abs gap of ~0.035 on this model, more than one step moves).
-        "model.dtype=float32"))
+        # float32 engines and learner: the sync is exact, so the gap measures the sync alone (bf16
+        # rounding of the weights alone leaves a mean abs gap of ~0.035 on this model, more than one
+        # step moves; the main job's learner_dtype=auto is bf16 on CPUs with AMX).
+        "model.dtype=float32", "model.learner_dtype=float32"))
     probes = [[{"role": "user", "content": text}] for text in
               ("How can neighbours share tools fairly?", "Why should I learn to cook?",
                "What makes a good teacher?", "How do I start a community garden?")]
